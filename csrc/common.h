@@ -1,0 +1,19 @@
+// Shared by every C++ and CUDA source: host/device qualifiers and input checks.
+#pragma once
+#include <torch/extension.h>
+
+#if defined(__CUDACC__)
+#define DF_HD __host__ __device__ __forceinline__
+#else
+#define DF_HD inline
+#endif
+
+#define DF_CHECK_FLOAT(t, name)                                                                    \
+  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kHalf ||                 \
+                  (t).scalar_type() == at::kBFloat16 || (t).scalar_type() == at::kDouble,          \
+              name ": expected float32/float16/bfloat16/float64, got ", (t).scalar_type())
+#define DF_CHECK_DEVICE(t, ref, name)                                                              \
+  TORCH_CHECK((t).device() == (ref).device(), name ": expected device ", (ref).device(), ", got ", \
+              (t).device())
+#define DF_CHECK_INT32(t, name)                                                                    \
+  TORCH_CHECK((t).scalar_type() == at::kInt, name ": expected int32, got ", (t).scalar_type())

@@ -1,0 +1,24 @@
+// The one place that declares dinofast's C++/CUDA op schemas; each op's .cpp/.cu registers its
+// CPU/CUDA kernels with TORCH_LIBRARY_IMPL. Python reaches them as torch.ops.dinofast_C.*.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(dinofast_C, m) {
+  // Writes rotated q, k (4-D [B, N, H, D] views, unit stride on D) into q_out, k_out, which may
+  // alias them. Packed when cu_seqlens is given (B == 1, grids int32 [n, 2]); else grid (hp, wp).
+  m.def(
+      "rope2d(Tensor q, Tensor k, Tensor(a!) q_out, Tensor(b!) k_out, Tensor inv_freq, "
+      "Tensor? cu_seqlens, Tensor? grids, int hp, int wp, Tensor? coord_transform, "
+      "int num_prefix_tokens, bool inverse) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("abi_version", [] { return DINOFAST_ABI_VERSION; }, "Op-schema version this _C was built with.");
+  m.def("torch_version", [] { return std::string(DINOFAST_TORCH_VERSION); }, "torch it was built against.");
+  m.def("with_cuda", [] {
+#ifdef DINOFAST_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled in.");
+}

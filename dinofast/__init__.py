@@ -1,0 +1,12 @@
+"""dinofast: fused kernels for DINOv3-style vision transformers at high and mixed resolutions."""
+from dinofast._backend import (  # noqa: F401
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend,
+)
+from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_  # noqa: F401
+from dinofast.reference.rope2d import sample_coord_transform  # noqa: F401
+from dinofast import nn  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,2 @@
+"""Drop-in nn.Modules built on dinofast's ops."""
+from dinofast.nn.rope2d import RoPE2D  # noqa: F401

@@ -1,0 +1,43 @@
+"""nn.Module wrapper of dinofast.rope2d."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dinofast.ops.rope2d import rope2d
+from dinofast.reference.rope2d import sample_coord_transform
+
+
+class RoPE2D(nn.Module):
+    """DINOv3 2D RoPE for q, k of head dim `head_dim`.
+
+    forward(q, k, grids, cu_seqlens=None) -> (q, k): batched q, k [B, H, N, D] with grids (Hp, Wp),
+    or packed [T, H, D] with cu_seqlens int32 [n+1] and grids int32 [n, 2].
+    `periods` (a non-persistent buffer, [head_dim/4]) can be set from a checkpoint. In train mode,
+    when any of shift/jitter/rescale is set, coordinates are augmented as DINOv3 does.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 100.0, num_prefix_tokens: int = 5, *,
+                 shift: Optional[float] = None, jitter: Optional[float] = None,
+                 rescale: Optional[float] = None):
+        super().__init__()
+        if head_dim % 4 != 0 or not 0 < head_dim <= 256:
+            raise ValueError(f"head_dim: expected a multiple of 4 in [4, 256], got {head_dim}")
+        self.head_dim, self.theta, self.num_prefix_tokens = head_dim, float(theta), num_prefix_tokens
+        self.shift, self.jitter, self.rescale = shift, jitter, rescale
+        self.register_buffer("periods", None, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, grids, cu_seqlens: Optional[torch.Tensor] = None):
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"q: expected head dim {self.head_dim}, got {q.shape[-1]}")
+        transform = None
+        if self.training and any(v is not None for v in (self.shift, self.jitter, self.rescale)):
+            transform = sample_coord_transform(1, shift=self.shift, jitter=self.jitter, rescale=self.rescale,
+                                               device=q.device)
+        return rope2d(q, k, grids, num_prefix_tokens=self.num_prefix_tokens, theta=self.theta,
+                      periods=self.periods, cu_seqlens=cu_seqlens, coord_transform=transform)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}, num_prefix_tokens={self.num_prefix_tokens}"

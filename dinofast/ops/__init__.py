@@ -1,0 +1,1 @@
+"""One module per op: registration with torch.library, backend dispatch, autograd, functional API."""

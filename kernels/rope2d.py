@@ -1,0 +1,141 @@
+"""Triton kernel for fused 2D RoPE (batched and packed), and its launcher.
+
+One program rotates BLOCK_T tokens of one image for HEADS_PER_PROG heads of q and k. The angles
+are computed once per program in fp32 registers from the token's (row, col) on its image's grid:
+no cos/sin table ever reaches memory. Prefix tokens get the identity rotation, so out-of-place
+calls copy them and in-place calls rewrite them unchanged.
+
+Tensors reach the launcher as 4-D strided views [B, N, H, D] with unit stride on D (a packed
+[T, H, D] input is the view [1, T, H, D]); any other strides are honoured without a copy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def rope_cos_sin(pos, hp, wp, t_row, inv_freq_ptr,
+                 HAS_TRANSFORM: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr):
+    """cos, sin [len(pos), HALF_PAD] fp32 for patch indices `pos` on an (hp, wp) grid; identity
+    rotation where pos < 0 (prefix tokens). Channel d < D/4 uses y, D/4 <= d < D/2 uses x.
+    Shared with the attention kernel, which rotates its Q/K tiles with it."""
+    is_patch = pos >= 0
+    pos = tl.where(is_patch, pos, 0)
+    y = 2.0 * ((pos // wp).to(tl.float32) + 0.5) / hp.to(tl.float32) - 1.0
+    x = 2.0 * ((pos % wp).to(tl.float32) + 0.5) / wp.to(tl.float32) - 1.0
+    if HAS_TRANSFORM:  # (shift_y, shift_x, scale_y, scale_x) of this image
+        y = (y + tl.load(t_row + 0)) * tl.load(t_row + 2)
+        x = (x + tl.load(t_row + 1)) * tl.load(t_row + 3)
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    d = tl.arange(0, HALF_PAD)
+    freq = tl.load(inv_freq_ptr + (d % QUARTER), mask=d < 2 * QUARTER, other=0.0)
+    coord = tl.where((d < QUARTER)[None, :], y[:, None], x[:, None])
+    angle = (6.283185307179586 * coord) * freq[None, :]
+    cos = tl.where(is_patch[:, None], tl.cos(angle), 1.0)
+    sin = tl.where(is_patch[:, None], tl.sin(angle), 0.0)
+    return cos, sin
+
+
+@triton.jit
+def rope2d_kernel(
+    q_in, k_in, q_out, k_out,
+    inv_freq_ptr, cu_seqlens_ptr, grids_ptr, coord_transform_ptr,
+    sqi_b, sqi_t, sqi_h,
+    ski_b, ski_t, ski_h,
+    sqo_b, sqo_t, sqo_h,
+    sko_b, sko_t, sko_h,
+    n_heads, seq_len, Hp, Wp, num_prefix_tokens, transform_stride,
+    PACKED: tl.constexpr, HAS_TRANSFORM: tl.constexpr, INVERSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    img = tl.program_id(1)
+    pid_h = tl.program_id(2)
+
+    if PACKED:  # image img owns tokens [cu[img], cu[img+1]) of the single packed row
+        start = tl.load(cu_seqlens_ptr + img)
+        end = tl.load(cu_seqlens_ptr + img + 1)
+        hp = tl.load(grids_ptr + 2 * img)
+        wp = tl.load(grids_ptr + 2 * img + 1)
+        b = img * 0
+    else:  # image img is batch row img
+        start = 0
+        end = seq_len
+        hp = Hp
+        wp = Wp
+        b = img
+    b = b.to(tl.int64)
+
+    tok = start + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_mask = tok < end
+    t_row = coord_transform_ptr + img * transform_stride
+    cos, sin = rope_cos_sin(tok - start - num_prefix_tokens, hp, wp, t_row, inv_freq_ptr,
+                            HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
+    if INVERSE:
+        sin = -sin
+
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    d = tl.arange(0, HALF_PAD)
+    d_mask = d < 2 * QUARTER
+    mask = tok_mask[:, None] & d_mask[None, :]
+    tok64 = tok.to(tl.int64)[:, None]
+    for hh in range(HEADS_PER_PROG):
+        h = pid_h * HEADS_PER_PROG + hh
+        hmask = mask & ((d * 0 + h) < n_heads)[None, :]  # vector compare: the interpreter rejects scalar-bool masks
+        # q: channel d pairs with d + D/2
+        src = q_in + b * sqi_b + tok64 * sqi_t + h * sqi_h + d[None, :]
+        dst = q_out + b * sqo_b + tok64 * sqo_t + h * sqo_h + d[None, :]
+        x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + 2 * QUARTER, mask=hmask, other=0.0).to(tl.float32)
+        tl.store(dst, (x1 * cos - x2 * sin).to(q_out.dtype.element_ty), mask=hmask)
+        tl.store(dst + 2 * QUARTER, (x2 * cos + x1 * sin).to(q_out.dtype.element_ty), mask=hmask)
+        # k
+        src = k_in + b * ski_b + tok64 * ski_t + h * ski_h + d[None, :]
+        dst = k_out + b * sko_b + tok64 * sko_t + h * sko_h + d[None, :]
+        x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + 2 * QUARTER, mask=hmask, other=0.0).to(tl.float32)
+        tl.store(dst, (x1 * cos - x2 * sin).to(k_out.dtype.element_ty), mask=hmask)
+        tl.store(dst + 2 * QUARTER, (x2 * cos + x1 * sin).to(k_out.dtype.element_ty), mask=hmask)
+
+
+def launch_config(head_dim: int):
+    """(HALF_PAD, BLOCK_T, HEADS_PER_PROG, num_warps): about 2K fp32 angle elements per program."""
+    half_pad = triton.next_power_of_2(head_dim // 2)
+    block_t = max(8, min(64, 2048 // half_pad))
+    return half_pad, block_t, 4, 4
+
+
+def rope2d(
+    q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
+    inv_freq: torch.Tensor, cu_seqlens: Optional[torch.Tensor], grids: Optional[torch.Tensor],
+    hw: Sequence[int], coord_transform: Optional[torch.Tensor], num_prefix_tokens: int,
+    inverse: bool, max_seqlen: int,
+) -> None:
+    """Write rotated q, k ([B, N, H, D] views) into q_out, k_out (may alias q, k).
+    Packed when cu_seqlens is given (then B == 1 and grids is int32 [n, 2] on q's device)."""
+    B, N, H, D = q.shape
+    packed = cu_seqlens is not None
+    n_images = cu_seqlens.numel() - 1 if packed else B
+    half_pad, block_t, heads_per_prog, num_warps = launch_config(D)
+    grid = (triton.cdiv(max_seqlen, block_t), n_images, triton.cdiv(H, heads_per_prog))
+    dummy = inv_freq  # stands in for absent optional pointers; never read
+    rope2d_kernel[grid](
+        q, k, q_out, k_out,
+        inv_freq, cu_seqlens if packed else dummy, grids if packed else dummy,
+        coord_transform if coord_transform is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        H, N, hw[0], hw[1], num_prefix_tokens,
+        4 if (coord_transform is not None and coord_transform.numel() > 4) else 0,
+        PACKED=packed, HAS_TRANSFORM=coord_transform is not None, INVERSE=inverse,
+        HEAD_DIM=D, HALF_PAD=half_pad, BLOCK_T=block_t, HEADS_PER_PROG=heads_per_prog,
+        num_warps=num_warps,
+    )
