@@ -137,5 +137,18 @@ def select(impls: Dict[str, Callable], device: torch.device, op: str) -> str:
     raise BackendUnavailableError(f"{op}: no backend runs on {device.type} tensors")
 
 
+# Tests set this so that every output buffer starts as NaN: an element a kernel forgets to write
+# then fails the parity check instead of passing by luck.
+POISON_OUTPUTS = False
+
+
+def empty_output(like: torch.Tensor, shape=None) -> torch.Tensor:
+    """The allocator of every op's output buffers (empty_like keeps like's strides)."""
+    out = torch.empty_like(like) if shape is None else like.new_empty(shape)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def dispatch(impls: Dict[str, Callable], device: torch.device, op: str) -> Callable:
     return impls[select(impls, device, op)]

@@ -105,9 +105,9 @@ def rope2d_kernel(
 
 
 def launch_config(head_dim: int):
-    """(HALF_PAD, BLOCK_T, HEADS_PER_PROG, num_warps): about 2K fp32 angle elements per program."""
+    """(HALF_PAD, BLOCK_T, HEADS_PER_PROG, num_warps): about 1K fp32 angle elements per program."""
     half_pad = triton.next_power_of_2(head_dim // 2)
-    block_t = max(8, min(64, 2048 // half_pad))
+    block_t = max(4, min(32, 1024 // half_pad))
     return half_pad, block_t, 4, 4
 
 

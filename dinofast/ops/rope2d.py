@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dinofast import _validate as V
-from dinofast._backend import dispatch
+from dinofast._backend import dispatch, empty_output
 from dinofast.reference.rope2d import apply_rope2d, inv_freq
 
 
@@ -108,7 +108,7 @@ def _rope2d_op(
     q: Tensor, k: Tensor, inv_freq: Tensor, cu_seqlens: Optional[Tensor], grids: Optional[Tensor],
     hp: int, wp: int, coord_transform: Optional[Tensor], num_prefix_tokens: int, inverse: bool,
 ) -> Tuple[Tensor, Tensor]:
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q_out, k_out = empty_output(q), empty_output(k)
     _run(q, k, q_out, k_out, inv_freq, cu_seqlens, grids, hp, wp, coord_transform, num_prefix_tokens, inverse)
     return q_out, k_out
 

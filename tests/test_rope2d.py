@@ -1,0 +1,303 @@
+"""rope2d: every backend against the reference; the reference against transformers."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import dinofast
+from dinofast.reference.rope2d import inv_freq, rope2d_reference
+from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn
+
+GRIDS = [(4, 4), (3, 7), (1, 6), (6, 1), (1, 1)]
+
+
+def batched_inputs(B, H, grid, P, D, dtype=torch.float32, layout="bhnd", seed=0):
+    N = P + grid[0] * grid[1]
+    shape = (B, H, N, D) if layout == "bhnd" else (B, N, H, D)
+    q, k = randn(*shape, dtype=dtype, seed=seed), randn(*shape, dtype=dtype, seed=seed + 1)
+    if layout == "bnhd":  # a [B, N, H, D] buffer seen as [B, H, N, D], as transformers makes it
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return q, k
+
+
+def packed_inputs(grids, P, H, D, dtype=torch.float32, seed=0):
+    lengths = [P + h * w for h, w in grids]
+    cu = make_cu_seqlens(lengths)
+    T = sum(lengths)
+    g = torch.tensor(grids, dtype=torch.int32, device=DEVICE)
+    return randn(T, H, D, dtype=dtype, seed=seed), randn(T, H, D, dtype=dtype, seed=seed + 1), cu, g
+
+
+# ---------------------------------------------------------------------------------------------
+# parity of every backend with the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("P", [0, 1, 5])
+def test_batched_fp32(backend_name, D, layout, P):
+    q, k = batched_inputs(2, 3, (5, 3), P, D, layout=layout)
+    out_q, out_k = dinofast.rope2d(q, k, (5, 3), num_prefix_tokens=P)
+    ref_q, ref_k = rope2d_reference(q, k, (5, 3), num_prefix_tokens=P)
+    assert out_q.shape == q.shape and out_q.dtype == q.dtype
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+    assert torch.equal(out_q[:, :, :P], q[:, :, :P]), "prefix tokens must pass through untouched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_low_precision_against_fp64(backend_name, dtype, D):
+    q, k = batched_inputs(2, 2, (4, 6), 5, D, dtype=dtype, layout="bnhd")
+    out_q, out_k = dinofast.rope2d(q, k, (4, 6), num_prefix_tokens=5)
+    ref_q, ref_k = rope2d_reference(q.double(), k.double(), (4, 6), num_prefix_tokens=5)
+    assert out_q.dtype == dtype
+    assert_close(out_q, ref_q, dtype)
+    assert_close(out_k, ref_k, dtype)
+
+
+@pytest.mark.parametrize("D", [64, 80])
+def test_packed_equals_per_image_batched(backend_name, D):
+    grids, P = [(3, 4), (1, 7), (5, 1), (2, 2)], 5
+    q, k, cu, g = packed_inputs(grids, P, 3, D)
+    out_q, out_k = dinofast.rope2d(q, k, g, num_prefix_tokens=P, cu_seqlens=cu)
+    ref_q, ref_k = rope2d_reference(q, k, g, num_prefix_tokens=P, cu_seqlens=cu)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+    for i, grid in enumerate(grids):
+        s, e = cu[i].item(), cu[i + 1].item()
+        one_q, one_k = dinofast.rope2d(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], grid,
+                                       num_prefix_tokens=P)
+        assert_close(out_q[s:e], one_q[0].transpose(0, 1))
+        assert_close(out_k[s:e], one_k[0].transpose(0, 1))
+
+
+def test_inplace_equals_out_of_place(backend_name):
+    q, k, cu, g = packed_inputs([(3, 5), (2, 2)], 1, 2, 64)
+    ref_q, ref_k = rope2d_reference(q, k, g, num_prefix_tokens=1, cu_seqlens=cu)
+    q2, k2 = q.clone(), k.clone()
+    ret = dinofast.rope2d_(q2, k2, g, num_prefix_tokens=1, cu_seqlens=cu)
+    assert ret[0] is q2 and ret[1] is k2
+    assert_close(q2, ref_q)
+    assert_close(k2, ref_k)
+
+
+def test_periods_override_theta(backend_name):
+    D = 64
+    q, k = batched_inputs(1, 2, (4, 5), 5, D)
+    # bf16-rounded periods, as the original release stores them: they must be used as given
+    periods = (100.0 ** (torch.arange(D // 4, dtype=torch.float32) * 4 / D)).bfloat16().float().to(DEVICE)
+    out_q, _ = dinofast.rope2d(q, k, (4, 5), num_prefix_tokens=5, periods=periods)
+    ref_q, _ = rope2d_reference(q, k, (4, 5), num_prefix_tokens=5, periods=periods)
+    theta_q, _ = rope2d_reference(q, k, (4, 5), num_prefix_tokens=5)
+    assert_close(out_q, ref_q)
+    assert (ref_q - theta_q).abs().max() > 1e-4, "bf16 periods must differ from theta's"
+
+
+def test_coord_transform(backend_name):
+    q, k, cu, g = packed_inputs([(3, 5), (4, 2), (1, 1)], 5, 2, 64)
+    gen = torch.Generator().manual_seed(3)
+    t = dinofast.sample_coord_transform(3, shift=0.2, jitter=1.3, rescale=2.0, generator=gen).to(DEVICE)
+    out_q, out_k = dinofast.rope2d(q, k, g, num_prefix_tokens=5, cu_seqlens=cu, coord_transform=t)
+    ref_q, ref_k = rope2d_reference(q, k, g, num_prefix_tokens=5, cu_seqlens=cu, coord_transform=t)
+    plain_q, _ = rope2d_reference(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+    assert (plain_q - ref_q).abs().max() > 1e-3
+
+
+@given(
+    B=st.integers(1, 2), H=st.integers(1, 3), Hp=st.integers(1, 6), Wp=st.integers(1, 6),
+    P=st.integers(0, 5), D=st.sampled_from([4, 12, 64, 80, 96, 128, 256]), layout=st.sampled_from(["bhnd", "bnhd"]),
+)
+def test_hypothesis_shapes(backend_name, B, H, Hp, Wp, P, D, layout):
+    q, k = batched_inputs(B, H, (Hp, Wp), P, D, layout=layout, seed=Hp * 7 + Wp)
+    out_q, out_k = dinofast.rope2d(q, k, (Hp, Wp), num_prefix_tokens=P)
+    ref_q, ref_k = rope2d_reference(q, k, (Hp, Wp), num_prefix_tokens=P)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+def test_gradcheck_reference():
+    q, k, cu, g = packed_inputs([(2, 3), (1, 2)], 1, 2, 8, dtype=torch.float64)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    with dinofast.backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: dinofast.rope2d(a, b, g, num_prefix_tokens=1, cu_seqlens=cu), (q, k))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradients_equal_reference(backend_name, packed):
+    if packed:
+        q, k, cu, g = packed_inputs([(3, 4), (2, 1)], 5, 2, 64)
+        kw = dict(num_prefix_tokens=5, cu_seqlens=cu)
+    else:
+        q, k = batched_inputs(2, 2, (3, 4), 5, 64, layout="bnhd")
+        g, kw = (3, 4), dict(num_prefix_tokens=5)
+    dq_out, dk_out = randn(*q.shape, seed=7), randn(*k.shape, seed=8)
+
+    def grads(backend):
+        a, b = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+        with dinofast.backend(backend):
+            oq, ok = dinofast.rope2d(a, b, g, **kw)
+        torch.autograd.backward((oq, ok), (dq_out, dk_out))
+        return a.grad, b.grad
+
+    got, want = grads(backend_name), grads("reference")
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+    # the adjoint of a rotation is its inverse: grad = rotate(-angle) of the incoming grad
+    inv_q, _ = rope2d_reference(dq_out, dk_out, g, inverse=True, **kw)
+    assert_close(got[0], inv_q)
+
+
+def test_inplace_rejects_autograd():
+    q, k = batched_inputs(1, 1, (2, 2), 0, 8)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="rope2d_"):
+        dinofast.rope2d_(q, k, (2, 2), num_prefix_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference against transformers (random small config, nothing downloaded)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid", [(4, 4), (3, 7), (1, 6), (6, 1)])
+@pytest.mark.parametrize("P", [0, 1, 5])
+def test_reference_matches_transformers(grid, P):
+    from transformers import DINOv3ViTConfig
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+        DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb)
+
+    cfg = DINOv3ViTConfig(hidden_size=128, num_attention_heads=2, patch_size=4, rope_theta=100.0)
+    rope = DINOv3ViTRopePositionEmbedding(cfg).eval()
+    pixels = torch.zeros(1, 3, grid[0] * 4, grid[1] * 4)
+    cos, sin = rope(pixels)
+    q, k = (randn(2, 2, P + grid[0] * grid[1], 64, device="cpu", seed=s) for s in (1, 2))
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = rope2d_reference(q, k, grid, num_prefix_tokens=P)
+    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=0)
+
+
+def test_coord_transform_reproduces_transformers_train_mode():
+    from transformers import DINOv3ViTConfig
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+        DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb)
+
+    cfg = DINOv3ViTConfig(hidden_size=128, num_attention_heads=2, patch_size=4, pos_embed_shift=0.1,
+                          pos_embed_jitter=1.2, pos_embed_rescale=2.0)
+    rope = DINOv3ViTRopePositionEmbedding(cfg).train()
+    q, k = torch.randn(1, 2, 5 + 12, 64), torch.randn(1, 2, 5 + 12, 64)
+    torch.manual_seed(11)
+    cos, sin = rope(torch.zeros(1, 3, 12, 16))
+    torch.manual_seed(11)
+    t = dinofast.sample_coord_transform(1, shift=0.1, jitter=1.2, rescale=2.0)
+    want_q, _ = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, _ = rope2d_reference(q, k, (3, 4), num_prefix_tokens=5, coord_transform=t)
+    torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=0)
+
+
+def test_inv_freq_matches_periods():
+    D = 64
+    periods = 100.0 ** (torch.arange(D // 4, dtype=torch.float64) * 4 / D)
+    torch.testing.assert_close(inv_freq(D, 100.0, dtype=torch.float64), 1 / periods)
+
+
+# ---------------------------------------------------------------------------------------------
+# module and torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_module(backend_name):
+    m = dinofast.nn.RoPE2D(64, num_prefix_tokens=5)
+    q, k = batched_inputs(1, 2, (2, 3), 5, 64)
+    out_q, _ = m(q, k, (2, 3))
+    assert_close(out_q, rope2d_reference(q, k, (2, 3), num_prefix_tokens=5)[0])
+    with pytest.raises(ValueError, match="head dim"):
+        m(q[..., :32], k[..., :32], (2, 3))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_torch_compile_fullgraph(backend):
+    if dinofast._backend.why_unavailable(backend, "cpu"):
+        pytest.skip(reason=f"{backend}: {dinofast._backend.why_unavailable(backend, 'cpu')}")
+    q0, k0 = batched_inputs(2, 2, (3, 4), 5, 64, layout="bnhd")
+    q0, k0 = q0.cpu(), k0.cpu()
+
+    def f(q, k):
+        rq, rk = dinofast.rope2d(q * 2, k, (3, 4), num_prefix_tokens=5)
+        return (rq * rk).sum()
+
+    with dinofast.backend(backend):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        eager = f(q, k)
+        eager.backward()
+        qc, kc = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(qc, kc)
+        compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(qc.grad, q.grad)
+    torch.testing.assert_close(kc.grad, k.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: ValueError naming the argument, in Python; TORCH_CHECK in C++
+# ---------------------------------------------------------------------------------------------
+def _bad_cases():
+    q, k = batched_inputs(1, 2, (2, 3), 5, 64)
+    pq, pk, cu, g = packed_inputs([(2, 3), (1, 2)], 5, 2, 64)
+    bad_cu = cu.clone()
+    bad_cu[1] += 1
+    return [
+        ("q", lambda: dinofast.rope2d(q[0], k[0], (2, 3), num_prefix_tokens=5)),
+        ("head dim", lambda: dinofast.rope2d(q[..., :62], k[..., :62], (2, 3), num_prefix_tokens=5)),
+        ("head dim", lambda: dinofast.rope2d(torch.randn(1, 1, 11, 260), torch.randn(1, 1, 11, 260), (2, 3),
+                                             num_prefix_tokens=5)),
+        ("N = num_prefix_tokens", lambda: dinofast.rope2d(q, k, (2, 4), num_prefix_tokens=5)),
+        ("k", lambda: dinofast.rope2d(q, k.half(), (2, 3), num_prefix_tokens=5)),
+        ("k", lambda: dinofast.rope2d(q, k[:, :1], (2, 3), num_prefix_tokens=5)),
+        ("theta", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, theta=float("nan"))),
+        ("theta", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, theta=float("inf"))),
+        ("grids", lambda: dinofast.rope2d(q, k, (2, 3, 1), num_prefix_tokens=5)),
+        ("periods", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, periods=torch.ones(8))),
+        ("num_prefix_tokens", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=-1)),
+        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu.long())),
+        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu + 1)),
+        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu.flip(0))),
+        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu[:-1])),
+        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=bad_cu)),
+        ("grids", lambda: dinofast.rope2d(pq, pk, g[:1], num_prefix_tokens=5, cu_seqlens=cu)),
+        ("grids", lambda: dinofast.rope2d(pq, pk, g.long(), num_prefix_tokens=5, cu_seqlens=cu)),
+        ("coord_transform", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu,
+                                                    coord_transform=torch.ones(3, 4))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_raises_value_error(backend_name, case):
+    arg, call = _bad_cases()[case]
+    with pytest.raises(ValueError, match=arg):
+        call()
+
+
+def test_cpp_checks_its_inputs():
+    if dinofast._backend.load_C() is None:
+        pytest.skip(reason="dinofast._C is not built")
+
+    q = torch.randn(1, 7, 2, 64)
+    freqs = inv_freq(64)
+    op = torch.ops.dinofast_C.rope2d
+    with pytest.raises(RuntimeError, match="N: expected"):
+        op(q, q, q.clone(), q.clone(), freqs, None, None, 2, 2, None, 5, False)
+    with pytest.raises(RuntimeError, match="head dim"):
+        op(q[..., :62].contiguous(), q[..., :62].contiguous(), q[..., :62].contiguous(), q[..., :62].contiguous(),
+           freqs, None, None, 1, 2, None, 5, False)
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)  # last != T
+    grids = torch.tensor([[1, 1], [1, 1]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        op(q, q, q.clone(), q.clone(), freqs, cu, grids, 0, 0, None, 2, False)
+    with pytest.raises(RuntimeError, match="grids"):
+        op(q, q, q.clone(), q.clone(), freqs, torch.tensor([0, 3, 7], dtype=torch.int32),
+           torch.tensor([[1, 0], [1, 1]], dtype=torch.int32), 0, 0, None, 2, False)
