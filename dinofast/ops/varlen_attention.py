@@ -111,6 +111,9 @@ def _C_backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, sca
 
 IMPLS = {
     "reference": Impl(_reference_forward, _reference_backward),
+    "triton": Impl(_triton_forward, _triton_backward),
+    "cpp": Impl(_C_forward, _C_backward),
+    "cuda": Impl(_C_forward, _C_backward),
 }
 
 
