@@ -65,11 +65,13 @@ def _store_halves(base, rows, row_mask, stride_t, x1, x2, seg_start, num_prefix_
 
 
 @triton.jit
-def _dot(a, b, acc, LOW_PRECISION: tl.constexpr, DTYPE: tl.constexpr):
-    """acc + a @ b: tensor cores in the input dtype when LOW_PRECISION, else exact fp32."""
+def _dot(a, b, acc, LOW_PRECISION: tl.constexpr, like_ptr):
+    """acc + a @ b: tensor cores in like_ptr's element type when LOW_PRECISION, else exact fp32."""
     if LOW_PRECISION:
-        return tl.dot(a.to(DTYPE), b.to(DTYPE), acc)
-    return tl.dot(a, b, acc, input_precision="ieee")
+        out = tl.dot(a.to(like_ptr.dtype.element_ty), b.to(like_ptr.dtype.element_ty), acc)
+    else:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    return out
 
 
 @triton.jit
@@ -102,14 +104,13 @@ def varlen_fwd_kernel(
     q0 = start + pid_m * BLOCK_M
     if q0 >= end:
         return
-    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     rows = q0 + tl.arange(0, BLOCK_M)
     row_mask = rows < end
     q1, q2 = _load_halves(q_ptr + h * sq_h, rows, row_mask, sq_t, start, num_prefix_tokens, hp, wp, t_row,
                           inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
     if LOW_PRECISION:  # the rotated tile is rounded to the input dtype, as rope2d's output would be
-        q1 = q1.to(DTYPE)
-        q2 = q2.to(DTYPE)
+        q1 = q1.to(q_ptr.dtype.element_ty)
+        q2 = q2.to(q_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -121,8 +122,8 @@ def varlen_fwd_kernel(
         k1, k2 = _load_halves(k_ptr + h * sk_h, cols, col_mask, sk_t, start, num_prefix_tokens, hp, wp, t_row,
                               inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, DTYPE)
-        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, DTYPE)
+        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, q_ptr)
+        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, q_ptr)
         s = tl.where(col_mask[None, :], s * qk_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -130,8 +131,8 @@ def varlen_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v1, v2 = _load_halves(v_ptr + h * sv_h, cols, col_mask, sv_t, start, 0, hp, wp, t_row, inv_freq_ptr,
                               False, False, HEAD_DIM, HALF_PAD)
-        acc1 = _dot(p, v1, acc1 * alpha[:, None], LOW_PRECISION, DTYPE)
-        acc2 = _dot(p, v2, acc2 * alpha[:, None], LOW_PRECISION, DTYPE)
+        acc1 = _dot(p, v1, acc1 * alpha[:, None], LOW_PRECISION, q_ptr)
+        acc2 = _dot(p, v2, acc2 * alpha[:, None], LOW_PRECISION, q_ptr)
         m_i = m_new
     inv_l = 1.0 / l_i
     _store_halves(out_ptr + h * so_h, rows, row_mask, so_t, acc1 * inv_l[:, None], acc2 * inv_l[:, None],
@@ -171,7 +172,6 @@ def varlen_bwd_dkdv_kernel(
     n0 = start + pid_n * BLOCK_N
     if n0 >= end:
         return
-    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < end
     k1, k2 = _load_halves(k_ptr + h * sk_h, cols, col_mask, sk_t, start, num_prefix_tokens, hp, wp, t_row,
@@ -192,19 +192,19 @@ def varlen_bwd_dkdv_kernel(
         lse2 = tl.load(lse_ptr + h * T + rows, mask=row_mask, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + h * T + rows, mask=row_mask, other=0.0)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, DTYPE)
-        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, DTYPE)
+        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, q_ptr)
+        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, q_ptr)
         valid = row_mask[:, None] & col_mask[None, :]
         p = tl.where(valid, tl.math.exp2(s * qk_scale_log2 - lse2[:, None]), 0.0)
         pt = tl.trans(p)
-        dv1 = _dot(pt, g1, dv1, LOW_PRECISION, DTYPE)
-        dv2 = _dot(pt, g2, dv2, LOW_PRECISION, DTYPE)
+        dv1 = _dot(pt, g1, dv1, LOW_PRECISION, q_ptr)
+        dv2 = _dot(pt, g2, dv2, LOW_PRECISION, q_ptr)
         dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        dp = _dot(g1, tl.trans(v1), dp, LOW_PRECISION, DTYPE)
-        dp = _dot(g2, tl.trans(v2), dp, LOW_PRECISION, DTYPE)
+        dp = _dot(g1, tl.trans(v1), dp, LOW_PRECISION, q_ptr)
+        dp = _dot(g2, tl.trans(v2), dp, LOW_PRECISION, q_ptr)
         dst = tl.trans(p * (dp - delta[:, None]))
-        dk1 = _dot(dst, q1, dk1, LOW_PRECISION, DTYPE)
-        dk2 = _dot(dst, q2, dk2, LOW_PRECISION, DTYPE)
+        dk1 = _dot(dst, q1, dk1, LOW_PRECISION, q_ptr)
+        dk2 = _dot(dst, q2, dk2, LOW_PRECISION, q_ptr)
     _store_halves(dk_ptr + h * sdk_h, cols, col_mask, sdk_t, dk1 * softmax_scale, dk2 * softmax_scale, start,
                   num_prefix_tokens, hp, wp, t_row, inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
     _store_halves(dv_ptr + h * sdv_h, cols, col_mask, sdv_t, dv1, dv2, start, 0, hp, wp, t_row, inv_freq_ptr,
@@ -228,7 +228,6 @@ def varlen_bwd_dq_kernel(
     m0 = start + pid_m * BLOCK_M
     if m0 >= end:
         return
-    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     rows = m0 + tl.arange(0, BLOCK_M)
     row_mask = rows < end
     q1, q2 = _load_halves(q_ptr + h * sq_h, rows, row_mask, sq_t, start, num_prefix_tokens, hp, wp, t_row,
@@ -247,16 +246,16 @@ def varlen_bwd_dq_kernel(
         v1, v2 = _load_halves(v_ptr + h * sv_h, cols, col_mask, sv_t, start, 0, hp, wp, t_row, inv_freq_ptr,
                               False, False, HEAD_DIM, HALF_PAD)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, DTYPE)
-        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, DTYPE)
+        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, q_ptr)
+        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, q_ptr)
         valid = row_mask[:, None] & col_mask[None, :]
         p = tl.where(valid, tl.math.exp2(s * qk_scale_log2 - lse2[:, None]), 0.0)
         dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        dp = _dot(g1, tl.trans(v1), dp, LOW_PRECISION, DTYPE)
-        dp = _dot(g2, tl.trans(v2), dp, LOW_PRECISION, DTYPE)
+        dp = _dot(g1, tl.trans(v1), dp, LOW_PRECISION, q_ptr)
+        dp = _dot(g2, tl.trans(v2), dp, LOW_PRECISION, q_ptr)
         ds = p * (dp - delta[:, None])
-        dq1 = _dot(ds, k1, dq1, LOW_PRECISION, DTYPE)
-        dq2 = _dot(ds, k2, dq2, LOW_PRECISION, DTYPE)
+        dq1 = _dot(ds, k1, dq1, LOW_PRECISION, q_ptr)
+        dq2 = _dot(ds, k2, dq2, LOW_PRECISION, q_ptr)
     _store_halves(dq_ptr + h * sdq_h, rows, row_mask, sdq_t, dq1 * softmax_scale, dq2 * softmax_scale, start,
                   num_prefix_tokens, hp, wp, t_row, inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
 
@@ -290,6 +289,11 @@ def backward_config(head_dim: int):
     return 64, 64, 8, 1
 
 
+def half_pad(head_dim: int) -> int:
+    """Padded width of a half head row: a power of 2, at least 16 (the smallest tl.dot K)."""
+    return max(16, triton.next_power_of_2(head_dim // 2))
+
+
 def _rope_args(rope, dummy):
     if rope is None:
         return dummy, dummy, dummy, 0, 0, False, False
@@ -310,7 +314,7 @@ def forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale, rope) -> None:
         q, k, v, out, lse, cu_seqlens, freqs, grids, ct,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         T, P, t_stride, scale * LOG2E,
-        ROPE=has_rope, HAS_TRANSFORM=has_t, HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
+        ROPE=has_rope, HAS_TRANSFORM=has_t, HEAD_DIM=D, HALF_PAD=half_pad(D),
         BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -327,7 +331,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, scale,
         HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), BLOCK=block)
     block_m, block_n, num_warps, num_stages = backward_config(D)
     freqs, grids, ct, P, t_stride, has_rope, has_t = _rope_args(rope, lse)
-    common = dict(ROPE=has_rope, HAS_TRANSFORM=has_t, HEAD_DIM=D, HALF_PAD=triton.next_power_of_2(D // 2),
+    common = dict(ROPE=has_rope, HAS_TRANSFORM=has_t, HEAD_DIM=D, HALF_PAD=half_pad(D),
                   BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
                   num_warps=num_warps, num_stages=num_stages)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
