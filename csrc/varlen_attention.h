@@ -1,5 +1,5 @@
-// Varlen attention: argument checks and index math shared by varlen_attention.cpp (CPU) and
-// varlen_attention.cu (CUDA). Oracle: dinofast/reference/varlen_attention.py.
+// Varlen attention: argument checks and index math shared by varlen_attention_cpu.cpp (CPU) and
+// varlen_attention_cuda.cu (CUDA). Oracle: dinofast/reference/varlen_attention.py.
 //
 // Layout: q, k, v, out, grad tensors [T, H, D] with unit stride on D (T/H strides free);
 // lse float32 [H, T] contiguous (natural log of each query row's sum of exp(scaled scores));

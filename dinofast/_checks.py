@@ -75,6 +75,21 @@ def check_rope2d(device: torch.device) -> List[dict]:
     return compare_backends(lambda: rope2d(q, k, (Hp, Wp), num_prefix_tokens=P), device)
 
 
+@check("varlen_attention")
+def check_varlen_attention(device: torch.device) -> List[dict]:
+    from dinofast.ops.rope2d import RopeSpec
+    from dinofast.ops.varlen_attention import varlen_attention
+
+    H, D, P = 12, 64, 5
+    grids = torch.tensor([(14, 14), (32, 24), (48, 32)], dtype=torch.int32)  # 224x224, 512x384, 768x512
+    lengths = [P + h * w for h, w in grids.tolist()]
+    cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(cu[-1].item(), H, D, generator=g).to(device) for _ in range(3))
+    rope = RopeSpec(grids.to(device), P)
+    return compare_backends(lambda: varlen_attention(q, k, v, cu.to(device), max(lengths), rope=rope), device)
+
+
 def report(device: torch.device) -> str:
     lines = [f"dinofast on {device.type}: backends available: {', '.join(_backend.available_backends(device.type))}"]
     for name in dinofast_backends_unavailable(device):

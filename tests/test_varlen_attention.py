@@ -66,8 +66,11 @@ def rope2d_then_attention(q, k, v, cu, spec, compute_dtype=None):
 # ---------------------------------------------------------------------------------------------
 # forward parity
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", list(LENGTHS))
-@pytest.mark.parametrize("D", [64, 80])
+# D 80 (masked half-rows) on the short cases only: the Triton interpreter is slow on long segments
+FORWARD_CASES = [(case, 64) for case in LENGTHS] + [(case, 80) for case in ("mixed", "empty-segment", "single")]
+
+
+@pytest.mark.parametrize("case, D", FORWARD_CASES, ids=[f"{c}-D{d}" for c, d in FORWARD_CASES])
 def test_forward_matches_reference(backend_name, case, D):
     lengths = LENGTHS[case]
     q, k, v, cu = packed_qkv(lengths, 2, D)
@@ -153,7 +156,7 @@ def test_rope_grids_as_list(backend_name):
 
 
 @given(
-    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=5).filter(lambda ls: sum(ls) > 0),
+    lengths=st.lists(st.integers(0, 33), min_size=1, max_size=4).filter(lambda ls: sum(ls) > 0),
     H=st.integers(1, 3), D=st.sampled_from([8, 16, 24, 64, 80, 128]), extra=st.integers(0, 20),
     scale=st.sampled_from([None, 0.05, 1.0]),
 )

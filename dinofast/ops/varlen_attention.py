@@ -3,7 +3,7 @@
 
 Backends (one implementation each, same semantics):
   reference  dinofast/reference/varlen_attention.py   triton  kernels/varlen_attention.py
-  cpp        csrc/varlen_attention.cpp                 cuda    csrc/varlen_attention.cu
+  cpp        csrc/varlen_attention_cpu.cpp             cuda    csrc/varlen_attention_cuda.cu
 Every backend receives q, k, v, out as [T, H, D] views with unit stride on D (any T/H strides),
 cu_seqlens int32 [n+1] on their device, lse as contiguous float32 [H, T], and `rope`: None or a
 RopeArgs whose rotation it applies to q and k as they are loaded (never writing rotated copies).
@@ -100,7 +100,7 @@ def _C_rope(rope):
 
 
 def _C_forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale, rope):
-    # One schema, two kernels: the dispatcher picks csrc/varlen_attention.cpp or .cu by device.
+    # One schema, two kernels: the dispatcher picks csrc/varlen_attention_cpu.cpp or _cuda.cu by device.
     torch.ops.dinofast_C.varlen_attention_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, scale, *_C_rope(rope))
 
 

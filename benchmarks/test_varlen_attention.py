@@ -1,0 +1,154 @@
+"""varlen_attention on mixed-resolution batches (patch 16, 5 prefix tokens, D 64, H 12 and 16),
+forward and forward+backward, fp32 on CPU / bf16 on GPU.
+
+Rows per group: each backend with and without fused RoPE, rope2d followed by the backend's
+attention (what fused RoPE must beat), the per-image SDPA loop, one padded SDPA call with a key
+mask, and on GPU flash-attn's varlen kernel and FlexAttention with a document mask where present.
+"""
+import functools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinofast
+from benchmarks.conftest import DEVICE, speed_backends
+
+P, D = 5, 64
+BATCHES = {
+    "4-sizes": [(224, 224), (512, 384), (768, 512), (1024, 768)],
+    # 8 sizes drawn once (seeded) between 224 and 1024, multiples of the 16-pixel patch
+    "8-random": [(16 * random.Random(7 + i).randint(14, 64), 16 * random.Random(101 + i).randint(14, 64))
+                 for i in range(8)],
+}
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+
+
+@functools.lru_cache(maxsize=2)
+def packed(batch: str, H: int):
+    grids = [(h // 16, w // 16) for h, w in BATCHES[batch]]
+    lengths = [P + gh * gw for gh, gw in grids]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    g = torch.Generator().manual_seed(0)
+    T = cu[-1]
+    q, k, v, grad = (torch.randn(T, H, D, generator=g).to(DEVICE, DTYPE) for _ in range(4))
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    grids_t = torch.tensor(grids, dtype=torch.int32, device=DEVICE)
+    return q, k, v, grad, cu_t, grids_t, max(lengths)
+
+
+def padded(batch: str, H: int):
+    """[B, H, Lmax, D] copies of the packed q, k, v and a [B, 1, 1, Lmax] key mask."""
+    q, k, v, grad, cu, _, max_len = packed(batch, H)
+    cu_l = cu.tolist()
+    B = len(cu_l) - 1
+    out = []
+    for x in (q, k, v, grad):
+        pad = x.new_zeros(B, max_len, H, D)
+        for i in range(B):
+            pad[i, : cu_l[i + 1] - cu_l[i]] = x[cu_l[i]:cu_l[i + 1]]
+        out.append(pad.transpose(1, 2).contiguous())
+    mask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=DEVICE)
+    for i in range(B):
+        mask[i, ..., : cu_l[i + 1] - cu_l[i]] = True
+    return (*out, mask)
+
+
+def with_grad(*xs):
+    return [x.detach().requires_grad_(True) for x in xs]
+
+
+def step(fn, inputs, grad, backward: bool):
+    """fn(*inputs) and, for fwd+bwd, its backward with `grad`."""
+    if not backward:
+        with torch.no_grad():
+            return fn(*inputs)
+    out = fn(*inputs)
+    out.backward(grad)
+    return out
+
+
+def sdpa_per_image(cu):
+    cu_l = cu.tolist()
+
+    def run(q, k, v):
+        outs = []
+        for a, b in zip(cu_l[:-1], cu_l[1:]):
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                               v[a:b].transpose(0, 1)[None])
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
+    return run
+
+
+def gpu_rows():
+    rows = []
+    if DEVICE.type != "cuda":
+        return rows
+    try:
+        import flash_attn  # noqa: F401
+        rows.append("flash-attn-varlen")
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        rows.append("flex-attention")
+    except ImportError:
+        pass
+    return rows
+
+
+ROWS = ([f"{b}" for b in speed_backends()] + [f"{b}+fused-rope" for b in speed_backends()]
+        + [f"rope2d+{b}" for b in speed_backends()] + ["sdpa-per-image", "sdpa-padded"] + gpu_rows())
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("H", [12, 16])
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("row", ROWS)
+def test_varlen_attention(bench, row, batch, H, mode):
+    q, k, v, grad, cu, grids, max_len = packed(batch, H)
+    backward = mode == "fwd+bwd"
+    group = f"varlen_attention {batch} H={H} {mode}"
+    rounds = 3 if DEVICE.type == "cpu" else 10
+    spec = dinofast.RopeSpec(grids, P)
+    inputs = with_grad(q, k, v) if backward else (q, k, v)
+    if row in dinofast.BACKENDS:
+        fn = functools.partial(dinofast.varlen_attention, cu_seqlens=cu, max_seqlen=max_len)
+        bench(lambda: step(fn, inputs, grad, backward), group, backend=row, rounds=rounds)
+    elif row.endswith("+fused-rope"):
+        fn = functools.partial(dinofast.varlen_attention, cu_seqlens=cu, max_seqlen=max_len, rope=spec)
+        bench(lambda: step(fn, inputs, grad, backward), group, backend=row.split("+")[0], rounds=rounds)
+    elif row.startswith("rope2d+"):
+        def fn(q, k, v):
+            rq, rk = dinofast.rope2d(q, k, grids, num_prefix_tokens=P, cu_seqlens=cu)
+            return dinofast.varlen_attention(rq, rk, v, cu, max_len)
+        bench(lambda: step(fn, inputs, grad, backward), group, backend=row.split("+")[1], rounds=rounds)
+    elif row == "sdpa-per-image":
+        bench(lambda: step(sdpa_per_image(cu), inputs, grad, backward), group, rounds=rounds)
+    elif row == "sdpa-padded":
+        pq, pk, pv, pgrad, mask = padded(batch, H)
+        pinputs = with_grad(pq, pk, pv) if backward else (pq, pk, pv)
+        fn = functools.partial(F.scaled_dot_product_attention, attn_mask=mask)
+        bench(lambda: step(fn, pinputs, pgrad, backward), group, rounds=rounds)
+    elif row == "flash-attn-varlen":
+        from flash_attn import flash_attn_varlen_func
+        fn = functools.partial(flash_attn_varlen_func, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                               max_seqlen_k=max_len)
+        bench(lambda: step(fn, inputs, grad, backward), group, rounds=rounds)
+    elif row == "flex-attention":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        T = q.shape[0]
+        doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=DEVICE), (cu[1:] - cu[:-1]).long(),
+                                      output_size=T)
+        block_mask = create_block_mask(lambda b, h, i, j: doc[i] == doc[j], None, None, T, T, device=DEVICE)
+        flex = torch.compile(flex_attention)
+
+        def fn(q, k, v):
+            return flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                        block_mask=block_mask)[0].transpose(0, 1)
+        bench(lambda: step(fn, inputs, grad, backward), group, rounds=rounds)
