@@ -7,6 +7,7 @@ from dinofast._backend import (  # noqa: F401
 )
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_  # noqa: F401
 from dinofast.reference.rope2d import sample_coord_transform  # noqa: F401
+from dinofast.ops.pixel_shuffle_project import pixel_shuffle_project, shuffled_grid  # noqa: F401
 from dinofast import nn  # noqa: F401
 
 __version__ = "0.1.0"
