@@ -48,6 +48,16 @@ void scatter_cpu(const Geometry& g, const Packed& p, at::Tensor& grad_x, const a
   });
 }
 
+// A [rows, cols] buffer carved from one per-thread allocation that is kept between calls: fresh
+// multi-MiB allocations come back from the OS as unmapped pages, and faulting them in costs as much
+// as the gather itself. Bounded by about kPanelBytes (see panel_rows).
+at::Tensor scratch_cpu(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  thread_local at::Tensor buffer;
+  const int64_t bytes = rows * cols * options.dtype().itemsize();
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::TensorOptions(at::kByte));
+  return at::from_blob(buffer.data_ptr(), {rows, cols}, options);
+}
+
 void check_bias(const Geometry& g, const at::Tensor& x, const c10::optional<at::Tensor>& bias, const char* name) {
   if (!bias.has_value()) return;
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_features && bias->is_contiguous(), kOp, ": ", name,
@@ -65,9 +75,9 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optio
   check_bias(g, x, bias, "bias");
   const Packed p = packed_pointers(g, cu_seqlens, grids, out_cu_seqlens);
   if (g.packed) check_packed_values(kOp, g, p);
-  forward_tiled(g, weight, bias, y, [&](at::Tensor& panel, int64_t m0, int64_t k0) {
-    gather_cpu(g, p, x, panel, m0, k0);
-  });
+  forward_tiled(
+      g, weight, bias, y, [&](at::Tensor& panel, int64_t m0, int64_t k0) { gather_cpu(g, p, x, panel, m0, k0); },
+      [&](int64_t rows, int64_t cols) { return scratch_cpu(rows, cols, weight.options()); });
 }
 
 void backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -100,7 +110,8 @@ void backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tenso
       [&](const at::Tensor& panel, int64_t m0) {
         at::Tensor dx = *grad_x;
         scatter_cpu(gx, p, dx, panel, m0);
-      });
+      },
+      [&](int64_t rows, int64_t cols) { return scratch_cpu(rows, cols, weight.options()); });
 }
 
 }  // namespace

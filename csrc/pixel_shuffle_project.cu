@@ -69,9 +69,9 @@ void forward_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const Packed p = packed_pointers(g, cu_seqlens, grids, out_cu_seqlens);
-  forward_tiled(g, weight, bias, y, [&](at::Tensor& panel, int64_t m0, int64_t k0) {
-    gather_cuda(g, p, x, panel, m0, k0);
-  });
+  forward_tiled(
+      g, weight, bias, y, [&](at::Tensor& panel, int64_t m0, int64_t k0) { gather_cuda(g, p, x, panel, m0, k0); },
+      [&](int64_t rows, int64_t cols) { return at::empty({rows, cols}, weight.options()); });
 }
 
 void backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -104,7 +104,8 @@ void backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
       [&](const at::Tensor& panel, int64_t m0) {
         at::Tensor dx = *grad_x;
         scatter_cuda(gx, p, dx, panel, m0);
-      });
+      },
+      [&](int64_t rows, int64_t cols) { return at::empty({rows, cols}, weight.options()); });
 }
 
 }  // namespace

@@ -6,7 +6,7 @@ loader turns (output row m, column k) into an x address,
     A[m, k] = x[b, tok + dy*Wp + dx, d]
 (shared/dinov3-reference.md, "Pixel shuffle"). The K loop walks one slot at a time in BLOCK_K
 chunks of d, so every A tile is BLOCK_M rows of BLOCK_K contiguous channels. Accumulation is fp32;
-the bias is added in the forward epilogue.
+the bias is added in the forward epilogue; fp32 inputs are multiplied in full precision (no TF32).
   forward       y[m, n]  = sum_k A[m, k] W[n, k] + bias[n]
   grad_x        dA[m, k] = sum_n dy[m, n] W[n, k], stored straight to x's row of (m, slot)
                 (a permutation: every non-prefix x row is written exactly once)
@@ -26,6 +26,14 @@ from dinofast._backend import triton_interpreted
 
 
 @triton.jit
+def _image_tokens(r, start, wp, s, P):
+    """x token of slot (0, 0) for rows r (local to an image whose tokens start at `start`)."""
+    gw = wp // s
+    i = r // gw
+    return start + P + i * s * wp + (r - i * gw) * s
+
+
+@triton.jit
 def _row_sources(rows, cu_ptr, grids_ptr, out_cu_ptr, n_images, search_steps, s, P, G, Wp,
                  PACKED: tl.constexpr):
     """For output rows `rows`: (b, tok, wp) = batch index, x token of slot (0, 0), image width."""
@@ -38,18 +46,13 @@ def _row_sources(rows, cu_ptr, grids_ptr, out_cu_ptr, n_images, search_steps, s,
             go = tl.load(out_cu_ptr + mid) <= rows
             lo = tl.where(go, mid, lo)
             hi = tl.where(go, hi, mid - 1)
-        r = rows - tl.load(out_cu_ptr + lo)
         wp = tl.load(grids_ptr + 2 * lo + 1)
-        start = tl.load(cu_ptr + lo)
+        tok = _image_tokens(rows - tl.load(out_cu_ptr + lo), tl.load(cu_ptr + lo), wp, s, P)
         b = rows * 0
     else:
         b = rows // G
-        r = rows - b * G
         wp = rows * 0 + Wp
-        start = rows * 0
-    gw = wp // s
-    i = r // gw
-    tok = start + P + i * s * wp + (r - i * gw) * s
+        tok = _image_tokens(rows - b * G, 0, wp, s, P)
     return b, tok, wp
 
 
@@ -67,7 +70,7 @@ def pixel_shuffle_project_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, cu_ptr, grids_ptr, out_cu_ptr,
     M, N_OUT, D, s, P, G, Wp, n_images, search_steps,
     stride_xb, stride_xt, stride_wn, stride_ym,
-    PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped launch order: GROUP_M row tiles share each weight tile while it is in L2
@@ -103,7 +106,7 @@ def pixel_shuffle_project_fwd_kernel(
         if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -115,7 +118,7 @@ def pixel_shuffle_project_bwd_dx_kernel(
     dy_ptr, w_ptr, dx_ptr, cu_ptr, grids_ptr, out_cu_ptr,
     M, N_OUT, D, s, P, G, Wp, n_images, search_steps,
     stride_dym, stride_wn, stride_dxb, stride_dxt,
-    PACKED: tl.constexpr, UPCAST: tl.constexpr,
+    PACKED: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (pid_m, pid_k): dA[rows of pid_m, columns of K tile pid_k], reduced over N_OUT
@@ -140,10 +143,24 @@ def pixel_shuffle_project_bwd_dx_kernel(
         if UPCAST:
             g = g.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(g, w, acc)
+        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
     b, tok, wp = _row_sources(rm, cu_ptr, grids_ptr, out_cu_ptr, n_images, search_steps, s, P, G, Wp, PACKED)
     dst = dx_ptr + b.to(tl.int64) * stride_dxb + (tok + dy * wp + dx).to(tl.int64) * stride_dxt
     tl.store(dst[:, None] + d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _dw_step(acc, dy_ptr, x_ptr, rm, m_mask, b, tok, wp, dy, dx, rn, n_mask, d, d_mask,
+             stride_dym, stride_xb, stride_xt, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc[BLOCK_N, BLOCK_K] += dy[rm, rn]^T @ A[rm, slot (dy, dx), d]."""
+    src = x_ptr + b.to(tl.int64) * stride_xb + (tok + dy * wp + dx).to(tl.int64) * stride_xt
+    a = tl.load(src[:, None] + d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    g_t = tl.load(dy_ptr + rm.to(tl.int64)[None, :] * stride_dym + rn[:, None],
+                  mask=n_mask[:, None] & m_mask[None, :], other=0.0)  # dy^T tile [BLOCK_N, BLOCK_M]
+    if UPCAST:
+        a = a.to(tl.float32)
+        g_t = g_t.to(tl.float32)
+    return tl.dot(g_t, a, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -151,7 +168,7 @@ def pixel_shuffle_project_bwd_dw_kernel(
     dy_ptr, x_ptr, dw_ptr, cu_ptr, grids_ptr, out_cu_ptr,
     M, N_OUT, D, s, P, G, Wp, n_images, search_steps,
     stride_dym, stride_xb, stride_xt, stride_dwn,
-    PACKED: tl.constexpr, UPCAST: tl.constexpr,
+    PACKED: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (pid_n, pid_k): dW[rows of pid_n, columns of K tile pid_k], reduced over all M rows
@@ -166,18 +183,26 @@ def pixel_shuffle_project_bwd_dw_kernel(
     d_mask = d < D
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rm = m0 + rm0
-        m_mask = rm < M
-        b, tok, wp = _row_sources(rm, cu_ptr, grids_ptr, out_cu_ptr, n_images, search_steps, s, P, G, Wp, PACKED)
-        src = x_ptr + b.to(tl.int64) * stride_xb + (tok + dy * wp + dx).to(tl.int64) * stride_xt
-        a = tl.load(src[:, None] + d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        g = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :],
-                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            g = g.to(tl.float32)
-        acc = tl.dot(tl.trans(g), a, acc)
+    if PACKED:
+        # image by image, so that the inner loop's addresses are arithmetic (no dependent loads)
+        # and the compiler software-pipelines it as in the batched case
+        for img in range(0, n_images):
+            m_lo = tl.load(out_cu_ptr + img)
+            m_hi = tl.load(out_cu_ptr + img + 1)
+            start = tl.load(cu_ptr + img)
+            wp = tl.load(grids_ptr + 2 * img + 1)
+            for m0 in range(m_lo, m_hi, BLOCK_M):
+                rm = m0 + rm0
+                tok = _image_tokens(rm - m_lo, start, wp, s, P)
+                acc = _dw_step(acc, dy_ptr, x_ptr, rm, rm < m_hi, rm * 0, tok, wp, dy, dx, rn, n_mask, d, d_mask,
+                               stride_dym, stride_xb, stride_xt, UPCAST, INPUT_PRECISION)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            rm = m0 + rm0
+            b = rm // G
+            tok = _image_tokens(rm - b * G, 0, Wp, s, P)
+            acc = _dw_step(acc, dy_ptr, x_ptr, rm, rm < M, b, tok, Wp, dy, dx, rn, n_mask, d, d_mask,
+                           stride_dym, stride_xb, stride_xt, UPCAST, INPUT_PRECISION)
     dw_ptrs = dw_ptr + rn.to(tl.int64)[:, None] * stride_dwn + (slot * D + d)[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
@@ -238,7 +263,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     packed, ptrs, geo = _geometry(x, M, N_OUT, cu_seqlens, grids, out_cu_seqlens, hw, factor, num_prefix_tokens)
     args = (x, weight, bias if bias is not None else x, y, *ptrs, *geo,
             x.stride(0), x.stride(1), weight.stride(0), y.stride(0))
-    flags = dict(PACKED=packed, HAS_BIAS=bias is not None, UPCAST=_upcast(x))
+    flags = dict(PACKED=packed, HAS_BIAS=bias is not None, **_dot_flags(x))
     if triton_interpreted():
         grid = (triton.cdiv(M, INTERPRETER["BLOCK_M"]) * triton.cdiv(N_OUT, INTERPRETER["BLOCK_N"]),)
         pixel_shuffle_project_fwd_kernel[grid](*args, **flags, **INTERPRETER, GROUP_M=4)
@@ -256,7 +281,7 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x
     M, N_OUT = grad_y.shape
     D, s = x.shape[2], factor
     packed, ptrs, geo = _geometry(x, M, N_OUT, cu_seqlens, grids, out_cu_seqlens, hw, factor, num_prefix_tokens)
-    flags = dict(PACKED=packed, UPCAST=_upcast(x))
+    flags = dict(PACKED=packed, **_dot_flags(x))
     interp = triton_interpreted()
     if grad_bias is not None:
         grad_bias.copy_(grad_y.sum(0, dtype=torch.float32))
@@ -281,8 +306,12 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x
             _dw_tuned[grid](*args, **flags)
 
 
-def _upcast(x: torch.Tensor) -> bool:
-    return triton_interpreted() and x.dtype == torch.bfloat16
+def _dot_flags(x: torch.Tensor) -> dict:
+    """UPCAST: bf16 dots run in fp32 under the interpreter (its bf16 dot is wrong).
+    INPUT_PRECISION: fp32 inputs multiply in full fp32 ("ieee", as torch's matmul does by default),
+    not TF32; for fp16/bf16 it is moot."""
+    return dict(UPCAST=triton_interpreted() and x.dtype == torch.bfloat16,
+                INPUT_PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32")
 
 
 def _zero_prefix_rows(grad_x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], P: int) -> None:

@@ -47,16 +47,19 @@ def ptxas_report(ptx: str, capability: int, workdir: str) -> dict:
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, capability: int, workdir: str,
-                   num_warps: int = 4, num_stages: int = 3, name: str = "") -> Compiled:
-    """pointers: {arg name: triton pointer type such as '*bf16'}; other non-constexpr args are i32."""
+                   num_warps: int = 4, num_stages: int = 3, name: str = "", divisible_by_16=()) -> Compiled:
+    """pointers: {arg name: triton pointer type such as '*bf16'}; other non-constexpr args are i32.
+    divisible_by_16: arg names to compile as a launch would specialise them (pointers 16-byte
+    aligned, ints multiples of 16), so the AOT build vectorises and pipelines like the real one."""
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
         else:
             signature[arg] = pointers.get(arg, "i32")
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible_by_16}
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
