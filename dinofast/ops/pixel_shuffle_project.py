@@ -55,13 +55,21 @@ def _reference_shuffled(x: Tensor, meta: Meta) -> Tensor:
     return torch.cat([pixel_shuffle(x[:, t0:t0 + P + hp * wp], hp, wp, s, P)[0] for t0, hp, wp, _ in meta.images])
 
 
+def _wide(*ts):
+    """fp16/bf16 -> fp32 (fp32/fp64 unchanged): the reference backend accumulates in fp32 and
+    rounds once, as the kernels do."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) if t is not None else None for t in ts]
+
+
 def _reference_forward(x, weight, bias, y, meta: Meta) -> None:
+    x, weight, bias = _wide(x, weight, bias)
     out = _reference_shuffled(x, meta) @ weight.t()
     y.copy_(out + bias if bias is not None else out)
 
 
 def _reference_backward(grad_y, x, weight, grad_x, grad_weight, grad_bias, meta: Meta) -> None:
     s, P = meta.factor, meta.num_prefix_tokens
+    grad_y, x, weight = _wide(grad_y, x, weight)
     if grad_bias is not None:
         grad_bias.copy_(grad_y.sum(0))
     if grad_weight is not None:
