@@ -405,61 +405,53 @@ def test_cpp_checks_its_inputs():
 # ---------------------------------------------------------------------------------------------
 # the Triton kernels compile for real GPUs (no GPU needed): no spills, wgmma on sm_90
 # ---------------------------------------------------------------------------------------------
-# Runs in a fresh interpreter: the tests' TRITON_INTERPRET=1 turns @triton.jit kernels into
-# interpreted functions, which cannot be compiled. Prints one JSON line per kernel.
-_AOT_SCRIPT = r"""
-import json, sys
-from tests.aot import TRITON_DTYPE, compile_kernel
-from dinofast.kernels import pixel_shuffle_project as K
-
-capability, dtype, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-t = "*" + TRITON_DTYPE[dtype]
-meta = {"cu_ptr": "*i32", "grids_ptr": "*i32", "out_cu_ptr": "*i32"}
-for name, kernel, pointers, cfg, extra in [
-    ("fwd", K.pixel_shuffle_project_fwd_kernel, dict(x_ptr=t, w_ptr=t, bias_ptr=t, y_ptr=t), K.DEFAULT_FWD,
-     dict(HAS_BIAS=True)),
-    ("dx", K.pixel_shuffle_project_bwd_dx_kernel, dict(dy_ptr=t, w_ptr=t, dx_ptr=t), K.DEFAULT_DX, {}),
-    ("dw", K.pixel_shuffle_project_bwd_dw_kernel, dict(dy_ptr=t, x_ptr=t, dw_ptr=t), K.DEFAULT_DW, {}),
-]:
-    for packed in (False, True):
-        cfg_ = dict(cfg)
-        num_warps, num_stages = cfg_.pop("num_warps"), cfg_.pop("num_stages")
-        # as a launch specialises them: aligned pointers, strides and D (384..1280) multiples of 16
-        aligned = [a for a in kernel.arg_names if a.endswith("_ptr") or a.startswith("stride") or a == "D"]
-        c = compile_kernel(kernel, {**pointers, **meta},
-                           dict(PACKED=packed, UPCAST=False, INPUT_PRECISION="tf32", **extra, **cfg_),
-                           capability, workdir, num_warps=num_warps, num_stages=num_stages,
-                           name=f"{name}{' packed' if packed else ''} {dtype}", divisible_by_16=aligned)
-        print(json.dumps(dict(kernel=name, packed=packed, summary=c.summary(), spills=c.spill_stores + c.spill_loads,
-                              shared=c.shared, wgmma="wgmma" in c.ptx, mma_sync="mma.sync" in c.ptx)))
-"""
+# (capability, dtype, kernel, packed): forward, grad_x and grad_weight at their DEFAULT_* tiles
+AOT_CONFIGS = [(cap, dtype, kernel, packed) for cap in (80, 90) for dtype in ("float16", "bfloat16")
+               for kernel in ("fwd", "dx", "dw") for packed in (False, True)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_triton_kernels_compile_for_gpus(capability, dtype, tmp_path):
-    """Forward, grad_x and grad_weight kernels (batched and packed) at their DEFAULT_* tiles: no
-    register spills, shared memory within the GPU's limit, tensor-core MMAs (wgmma on sm_90)."""
-    import json
-    import os
-    import subprocess
-    import sys
+@pytest.fixture(scope="module")
+def aot_pixel_shuffle_project():
+    """Every config compiled once, in one subprocess (see tests/aot.py)."""
+    from dinofast.kernels import pixel_shuffle_project as K
+    from tests.aot import TRITON_DTYPE, compile_specs
 
+    kernels = {
+        "fwd": ("pixel_shuffle_project_fwd_kernel", ("x_ptr", "w_ptr", "bias_ptr", "y_ptr"), K.DEFAULT_FWD,
+                dict(HAS_BIAS=True)),
+        "dx": ("pixel_shuffle_project_bwd_dx_kernel", ("dy_ptr", "w_ptr", "dx_ptr"), K.DEFAULT_DX, {}),
+        "dw": ("pixel_shuffle_project_bwd_dw_kernel", ("dy_ptr", "x_ptr", "dw_ptr"), K.DEFAULT_DW, {}),
+    }
+    specs = []
+    for cap, dtype, name, packed in AOT_CONFIGS:
+        kernel, tensors, cfg, extra = kernels[name]
+        cfg = dict(cfg)
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        arg_names = getattr(K, kernel).arg_names
+        specs.append(dict(
+            module="dinofast.kernels.pixel_shuffle_project", kernel=kernel, capability=cap, num_warps=num_warps,
+            num_stages=num_stages, name=f"{kernel}[{dtype}, packed={packed}]",
+            pointers={**{t: "*" + TRITON_DTYPE[dtype] for t in tensors},
+                      "cu_ptr": "*i32", "grids_ptr": "*i32", "out_cu_ptr": "*i32"},
+            constexprs=dict(PACKED=packed, UPCAST=False, INPUT_PRECISION="tf32", **extra, **cfg),
+            # as a launch specialises them: aligned pointers; strides and D (384..1280) multiples of 16
+            divisible_by_16=[a for a in arg_names if a.endswith("_ptr") or a.startswith("stride") or a == "D"]))
+    return dict(zip(AOT_CONFIGS, compile_specs(specs)))
+
+
+@pytest.mark.parametrize("config", AOT_CONFIGS,
+                         ids=lambda c: f"sm{c[0]}-{c[1]}-{c[2]}-{'packed' if c[3] else 'batched'}")
+def test_aot_compile(aot_pixel_shuffle_project, config):
+    """No register spills, shared memory within the GPU's limit, tensor-core MMAs: mma.sync on
+    sm_80, wgmma on sm_90 (the sm_90 bf16 forward in particular)."""
     from tests.aot import SHARED_MEMORY_LIMIT
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(capability), dtype, str(tmp_path)],
-                         capture_output=True, text=True, env=env, cwd=root)
-    assert run.returncode == 0, run.stderr[-4000:]
-    reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 6
-    for r in reports:
-        print(r["summary"])
-        assert r["spills"] == 0, r["summary"]
-        assert r["shared"] <= SHARED_MEMORY_LIMIT[capability], r["summary"]
-        assert r["wgmma" if capability == 90 else "mma_sync"], f"{r['summary']}: no tensor-core MMA"
-    if capability == 90 and dtype == "bfloat16":
-        assert all(r["wgmma"] for r in reports if r["kernel"] == "fwd"), "the sm_90 bf16 forward must use wgmma"
+    k = aot_pixel_shuffle_project[config]
+    print(k.summary())
+    assert k.spill_stores == 0 and k.spill_loads == 0, k.summary()
+    assert k.shared <= SHARED_MEMORY_LIMIT[k.capability], k.summary()
+    assert f".target sm_{k.capability}" in k.ptx
+    if k.capability == 90:
+        assert "wgmma" in k.ptx, f"{k.summary()}: expected wgmma on sm_90"
+    else:
+        assert "mma.sync" in k.ptx, f"{k.summary()}: expected mma.sync on sm_80"
