@@ -1,5 +1,5 @@
 // Pixel shuffle + projection: the index map, argument checks and the tiled GEMM drivers shared by
-// pixel_shuffle_project.cpp (CPU) and pixel_shuffle_project.cu (CUDA).
+// pixel_shuffle_project_cpu.cpp (CPU) and pixel_shuffle_project_cuda.cu (CUDA).
 // Index map (shared/dinov3-reference.md, "Pixel shuffle"), factor s, Gw = Wp/s:
 //   A[m = I*Gw + J, (dy*s + dx)*D + d] = x[b, P + (I*s + dy)*Wp + (J*s + dx), d],   y = A @ W^T + b.
 // The shuffled matrix A is never built whole: the drivers gather one panel of it at a time into a

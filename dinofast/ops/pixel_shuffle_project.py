@@ -3,7 +3,7 @@ rectangular grids and packed images (registration, backend dispatch, autograd, f
 
 Backends (one implementation each, same semantics):
   reference  dinofast/reference/pixel_shuffle_project.py   triton  kernels/pixel_shuffle_project.py
-  cpp        csrc/pixel_shuffle_project.cpp                 cuda    csrc/pixel_shuffle_project.cu
+  cpp        csrc/pixel_shuffle_project_cpu.cpp             cuda    csrc/pixel_shuffle_project_cuda.cu
 All of them receive x as a 3-D [B, N, D] view (packed [T, D] as [1, T, D]) with unit stride on D,
 write y into a preallocated [M, out] buffer, and never build the whole shuffled tensor (the
 reference does: it is the oracle).
