@@ -19,6 +19,16 @@ TORCH_LIBRARY(dinofast_C, m) {
       "varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor cu_seqlens, int max_seqlen, float softmax_scale, "
       "Tensor? inv_freq, Tensor? grids, Tensor? coord_transform, int num_prefix_tokens) -> ()");
+  // Pixel shuffle + projection: y [M, out] = shuffled(x) @ weight^T (+ bias). x is a 3-D [B, N, D]
+  // view (packed: [1, T, D] with cu_seqlens, grids int32 [n, 2] and out_cu_seqlens [n+1]).
+  m.def(
+      "pixel_shuffle_project(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) y, Tensor? cu_seqlens, "
+      "Tensor? grids, Tensor? out_cu_seqlens, int hp, int wp, int factor, int num_prefix_tokens) -> ()");
+  // Its backward: each of grad_x [B, N, D], grad_weight, grad_bias that is given is written.
+  m.def(
+      "pixel_shuffle_project_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor(a!)? grad_x, "
+      "Tensor(b!)? grad_weight, Tensor(c!)? grad_bias, Tensor? cu_seqlens, Tensor? grids, "
+      "Tensor? out_cu_seqlens, int hp, int wp, int factor, int num_prefix_tokens) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -12,6 +12,7 @@ from dinofast.ops.varlen_attention import (  # noqa: F401
     varlen_attention_with_lse,
 )
 from dinofast.reference.rope2d import sample_coord_transform  # noqa: F401
+from dinofast.ops.pixel_shuffle_project import pixel_shuffle_project, shuffled_grid  # noqa: F401
 from dinofast import nn  # noqa: F401
 
 __version__ = "0.1.0"

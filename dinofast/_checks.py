@@ -90,6 +90,18 @@ def check_varlen_attention(device: torch.device) -> List[dict]:
     return compare_backends(lambda: varlen_attention(q, k, v, cu.to(device), max(lengths), rope=rope), device)
 
 
+@check("pixel_shuffle_project")
+def check_pixel_shuffle_project(device: torch.device) -> List[dict]:
+    from dinofast.ops.pixel_shuffle_project import pixel_shuffle_project
+
+    B, Hp, Wp, P, D, s, out = 2, 40, 60, 5, 768, 4, 960  # 640x960 images, ViT-B, nanoVLM's LM width
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, P + Hp * Wp, D, generator=g).to(device)
+    w = (torch.randn(out, D * s * s, generator=g) / (D * s * s) ** 0.5).to(device)
+    return compare_backends(lambda: pixel_shuffle_project(x, w, grids=(Hp, Wp), factor=s, num_prefix_tokens=P),
+                            device)
+
+
 def report(device: torch.device) -> str:
     lines = [f"dinofast on {device.type}: backends available: {', '.join(_backend.available_backends(device.type))}"]
     for name in dinofast_backends_unavailable(device):

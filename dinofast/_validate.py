@@ -52,6 +52,11 @@ def check_nonneg_int(x, arg: str) -> None:
         fail(arg, "a non-negative int", x)
 
 
+def check_positive_int(x, arg: str) -> None:
+    if not isinstance(x, int) or isinstance(x, bool) or x <= 0:
+        fail(arg, "a positive int", x)
+
+
 def check_grid(grid, arg: str = "grids") -> Tuple[int, int]:
     """A batched grid: (Hp, Wp), two positive ints."""
     if isinstance(grid, torch.Tensor):

@@ -7,6 +7,8 @@ interpreter objects that cannot be compiled. See shared/gpu-less-verification.md
 
 A spec: dict(module="dinofast.kernels.rope2d", kernel="rope2d_kernel", pointers={arg: "*bf16"},
 constexprs={...}, capability=90, num_warps=4, num_stages=3). Args not in pointers/constexprs are i32.
+Optional divisible_by_16=[arg, ...]: compile those args as a launch specialises them (pointers
+16-byte aligned, ints multiples of 16), so the build vectorises and pipelines like the real one.
 """
 import json
 import os
@@ -74,8 +76,9 @@ def _compile_one(spec: dict, workdir: str) -> dict:
     constexprs = spec["constexprs"]
     signature = {arg: "constexpr" if arg in constexprs else spec["pointers"].get(arg, "i32")
                  for arg in kernel.arg_names}
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.get("divisible_by_16", ())}
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", spec["capability"], 32),
         options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)},
     )

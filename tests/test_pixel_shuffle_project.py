@@ -1,0 +1,457 @@
+"""pixel_shuffle_project: every backend against the reference; the reference against the spec's
+index map and nanoVLM's formula; gradients, module, torch.compile, bad input, AOT GPU compile."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import dinofast
+from dinofast.reference.pixel_shuffle_project import (
+    pixel_shuffle, pixel_shuffle_project_reference, shuffle_source_rows)
+from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn
+
+# (grid, factor): rectangles for every s in {1, 2, 3, 4}
+GRIDS = [((3, 5), 1), ((4, 6), 2), ((6, 3), 3), ((8, 4), 4)]
+PACKED_GRIDS = [(4, 6), (2, 2), (6, 8), (2, 4)]
+
+
+def params(out, K, dtype=torch.float32, bias=True, seed=0):
+    """weight [out, K] scaled so that outputs are O(1), bias [out] or None."""
+    w = (randn(out, K, seed=seed) / math.sqrt(K)).to(dtype)
+    return w, (randn(out, dtype=dtype, seed=seed + 1) if bias else None)
+
+
+def batched_inputs(B, grid, P, D, out, s, dtype=torch.float32, bias=True, seed=0):
+    x = randn(B, P + grid[0] * grid[1], D, dtype=dtype, seed=seed)
+    return (x, *params(out, D * s * s, dtype, bias, seed + 10))
+
+
+def packed_inputs(grids, P, D, out, s, dtype=torch.float32, bias=True, seed=0):
+    lengths = [P + h * w for h, w in grids]
+    x = randn(sum(lengths), D, dtype=dtype, seed=seed)
+    g = torch.tensor(grids, dtype=torch.int32, device=DEVICE)
+    return (x, *params(out, D * s * s, dtype, bias, seed + 10), make_cu_seqlens(lengths), g)
+
+
+def f64(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference against the spec
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid,s", GRIDS)
+@pytest.mark.parametrize("P", [0, 5])
+def test_reference_shuffle_is_the_spec_index_map(grid, s, P):
+    Hp, Wp = grid
+    Gh, Gw, D = Hp // s, Wp // s, 3
+    x = randn(2, P + Hp * Wp, D, device="cpu")
+    got = pixel_shuffle(x, Hp, Wp, s, P)
+    assert got.shape == (2, Gh * Gw, D * s * s)
+    for b in range(2):
+        for I in range(Gh):
+            for J in range(Gw):
+                for dy in range(s):
+                    for dx in range(s):
+                        src = x[b, P + (I * s + dy) * Wp + (J * s + dx)]
+                        assert torch.equal(got[b, I * Gw + J, (dy * s + dx) * D:(dy * s + dx + 1) * D], src)
+    rows = shuffle_source_rows(Hp, Wp, s, P)
+    assert torch.equal(got, x[:, rows].flatten(2))
+    assert sorted(rows.flatten().tolist()) == list(range(P, P + Hp * Wp)), "every patch row is used exactly once"
+
+
+def nanovlm_modality_projector(x, weight, factor):
+    """nanoVLM's ModalityProjector (square grid from sqrt(N), no prefix), written from its formula."""
+    bsz, seq, embed_dim = x.size()
+    side = int(seq ** 0.5)
+    assert side * side == seq and side % factor == 0
+    x = x.view(bsz, side, side, embed_dim)
+    h_out = w_out = side // factor
+    x = x.reshape(bsz, h_out, factor, w_out, factor, embed_dim).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(bsz, h_out * w_out, embed_dim * factor ** 2)
+    return torch.nn.functional.linear(x, weight)
+
+
+@pytest.mark.parametrize("side,s", [(4, 2), (8, 4), (6, 3), (3, 1)])
+def test_square_without_prefix_equals_nanovlm(backend_name, side, s):
+    x, w, _ = batched_inputs(2, (side, side), 0, 24, 40, s, bias=False)
+    want = nanovlm_modality_projector(x.double(), w.double(), s)
+    assert_close(pixel_shuffle_project_reference(x.double(), w.double(), grids=(side, side), factor=s), want,
+                 torch.float64)
+    assert_close(dinofast.pixel_shuffle_project(x, w, grids=(side, side), factor=s), want, torch.float32)
+
+
+def test_design_notes_vector(backend_name):
+    # 640x960 image, patch 16 -> (Hp, Wp) = (40, 60); s = 4 -> (Gh, Gw) = (10, 15) -> 150 tokens
+    Hp, Wp = 640 // 16, 960 // 16
+    assert dinofast.shuffled_grid(Hp, Wp, 4) == (10, 15)
+    x, w, b = batched_inputs(1, (Hp, Wp), 5, 8, 24, 4)
+    y = dinofast.pixel_shuffle_project(x, w, b, grids=(Hp, Wp), factor=4, num_prefix_tokens=5)
+    assert y.shape == (1, 150, 24)
+    assert_close(y, pixel_shuffle_project_reference(*f64(x, w, b), grids=(Hp, Wp), factor=4, num_prefix_tokens=5),
+                 torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity of every backend with the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid,s", GRIDS)
+@pytest.mark.parametrize("P", [0, 1, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_fp32(backend_name, grid, s, P, bias):
+    x, w, b = batched_inputs(2, grid, P, 24, 40, s, bias=bias)
+    y = dinofast.pixel_shuffle_project(x, w, b, grids=grid, factor=s, num_prefix_tokens=P)
+    want = pixel_shuffle_project_reference(x, w, b, grids=grid, factor=s, num_prefix_tokens=P)
+    assert y.shape == want.shape and y.dtype == x.dtype
+    assert_close(y, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_low_precision_against_fp64(backend_name, dtype, packed):
+    s, P = 2, 5
+    if packed:
+        x, w, b, cu, g = packed_inputs(PACKED_GRIDS, P, 40, 48, s, dtype)
+        y, _ = dinofast.pixel_shuffle_project(x, w, b, grids=g, factor=s, num_prefix_tokens=P, cu_seqlens=cu)
+        want, _ = pixel_shuffle_project_reference(*f64(x, w, b), grids=g, factor=s, num_prefix_tokens=P,
+                                                  cu_seqlens=cu)
+    else:
+        x, w, b = batched_inputs(2, (4, 6), P, 40, 48, s, dtype)
+        y = dinofast.pixel_shuffle_project(x, w, b, grids=(4, 6), factor=s, num_prefix_tokens=P)
+        want = pixel_shuffle_project_reference(*f64(x, w, b), grids=(4, 6), factor=s, num_prefix_tokens=P)
+    assert y.dtype == dtype
+    assert_close(y, want, dtype)
+
+
+@pytest.mark.parametrize("P", [0, 1, 5])
+@pytest.mark.parametrize("s", [1, 2])
+def test_packed_equals_per_image(backend_name, P, s):
+    x, w, b, cu, g = packed_inputs(PACKED_GRIDS, P, 24, 40, s)
+    y, out_cu = dinofast.pixel_shuffle_project(x, w, b, grids=g, factor=s, num_prefix_tokens=P, cu_seqlens=cu)
+    want, want_cu = pixel_shuffle_project_reference(x, w, b, grids=g, factor=s, num_prefix_tokens=P, cu_seqlens=cu)
+    assert out_cu.dtype == torch.int32 and out_cu.tolist() == want_cu.tolist()
+    assert out_cu.tolist() == [0] + list(torch.tensor([(h // s) * (w_ // s) for h, w_ in PACKED_GRIDS]).cumsum(0))
+    assert_close(y, want)
+    for i, grid in enumerate(PACKED_GRIDS):
+        one = dinofast.pixel_shuffle_project(x[None, cu[i]:cu[i + 1]], w, b, grids=grid, factor=s,
+                                             num_prefix_tokens=P)
+        assert_close(y[out_cu[i]:out_cu[i + 1]], one[0])
+
+
+@given(
+    B=st.integers(1, 2), s=st.integers(1, 4), Gh=st.integers(1, 3), Gw=st.integers(1, 3), P=st.integers(0, 5),
+    D=st.sampled_from([8, 24, 40]), out=st.sampled_from([1, 17, 40]), bias=st.booleans(),
+)
+def test_hypothesis_shapes(backend_name, B, s, Gh, Gw, P, D, out, bias):
+    grid = (Gh * s, Gw * s)
+    x, w, b = batched_inputs(B, grid, P, D, out, s, bias=bias, seed=Gh * 7 + Gw)
+    y = dinofast.pixel_shuffle_project(x, w, b, grids=grid, factor=s, num_prefix_tokens=P)
+    assert_close(y, pixel_shuffle_project_reference(x, w, b, grids=grid, factor=s, num_prefix_tokens=P))
+
+
+def test_non_contiguous_inputs(backend_name):
+    # x with a padded row stride (a slice of a wider buffer) and a transposed weight buffer
+    wide = randn(2, 5 + 24, 40)
+    x = wide[..., 8:32]
+    w_t = randn(24 * 4, 40).t()
+    b = randn(40)
+    y = dinofast.pixel_shuffle_project(x, w_t, b, grids=(4, 6), factor=2, num_prefix_tokens=5)
+    assert_close(y, pixel_shuffle_project_reference(x, w_t, b, grids=(4, 6), factor=2, num_prefix_tokens=5))
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradcheck_reference(packed):
+    if packed:
+        x, w, b, cu, g = packed_inputs([(2, 4), (2, 2)], 1, 3, 5, 2, dtype=torch.float64)
+        kw = dict(grids=g, factor=2, num_prefix_tokens=1, cu_seqlens=cu)
+    else:
+        x, w, b = batched_inputs(2, (2, 4), 1, 3, 5, 2, dtype=torch.float64)
+        kw = dict(grids=(2, 4), factor=2, num_prefix_tokens=1)
+    args = [t.requires_grad_(True) for t in (x, w, b)]
+
+    def f(*a):
+        out = dinofast.pixel_shuffle_project(*a, **kw)
+        return out[0] if packed else out
+
+    with dinofast.backend("reference"):
+        assert torch.autograd.gradcheck(f, args)
+
+
+def _grads(fn, x, w, b, grad_y):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(*leaves)
+    y = y[0] if isinstance(y, tuple) else y
+    y.backward(grad_y)
+    return [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("P", [0, 5])
+@pytest.mark.parametrize("s", [2, 3])
+def test_gradients_equal_reference(backend_name, packed, P, s):
+    if packed:
+        grids = [(h * s // 2, w * s // 2) for h, w in PACKED_GRIDS]
+        x, w, b, cu, g = packed_inputs(grids, P, 24, 40, s)
+        kw = dict(grids=g, factor=s, num_prefix_tokens=P, cu_seqlens=cu)
+        M = sum((h // s) * (w_ // s) for h, w_ in grids)
+        grad_y = randn(M, 40, seed=9)
+        prefix_rows = [int(c) + p for c in cu[:-1] for p in range(P)]
+    else:
+        x, w, b = batched_inputs(2, (2 * s, 3 * s), P, 24, 40, s)
+        kw = dict(grids=(2 * s, 3 * s), factor=s, num_prefix_tokens=P)
+        grad_y = randn(2, 6, 40, seed=9)
+    got = _grads(lambda *a: dinofast.pixel_shuffle_project(*a, **kw), x, w, b, grad_y)
+    # the oracle's gradients come from plain autograd through reshape/permute, in fp64
+    want = _grads(lambda *a: pixel_shuffle_project_reference(*a, **kw), *f64(x, w, b), grad_y.double())
+    for g_, w_ in zip(got, want):
+        assert_close(g_, w_, torch.float32)
+    dx = got[0]
+    if packed:
+        assert (dx[prefix_rows] == 0).all(), "prefix rows must get zero gradient"
+    else:
+        assert (dx[:, :P] == 0).all(), "prefix rows must get zero gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_against_fp64(backend_name, dtype):
+    x, w, b, cu, g = packed_inputs(PACKED_GRIDS, 5, 40, 48, 2, dtype)
+    kw = dict(grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)
+    grad_y = randn(sum((h // 2) * (w_ // 2) for h, w_ in PACKED_GRIDS), 48, dtype=dtype, seed=9)
+    got = _grads(lambda *a: dinofast.pixel_shuffle_project(*a, **kw), x, w, b, grad_y)
+    want = _grads(lambda *a: pixel_shuffle_project_reference(*a, **kw), *f64(x, w, b), grad_y.double())
+    for g_, w_ in zip(got, want):
+        assert g_.dtype == dtype
+        assert_close(g_, w_, dtype)
+
+
+def test_frozen_input_gets_weight_grads_only(backend_name):
+    # a frozen vision tower: x does not require grad; weight does; no bias
+    x, w, _ = batched_inputs(2, (4, 6), 5, 24, 40, 2, bias=False)
+    w = w.requires_grad_()
+    y = dinofast.pixel_shuffle_project(x, w, grids=(4, 6), factor=2, num_prefix_tokens=5)
+    grad_y = randn(*y.shape, seed=3)
+    y.backward(grad_y)
+    assert x.grad is None
+    want = pixel_shuffle(x.double(), 4, 6, 2, 5).flatten(0, 1).t() @ grad_y.double().flatten(0, 1)
+    assert_close(w.grad, want.t(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# module and helpers
+# ---------------------------------------------------------------------------------------------
+class NanoVLMModalityProjector(torch.nn.Module):
+    """The layout of nanoVLM's ModalityProjector: `proj` = Linear(in*s*s, out, bias=False)."""
+
+    def __init__(self, in_dim, out_dim, factor):
+        super().__init__()
+        self.factor = factor
+        self.proj = torch.nn.Linear(in_dim * factor * factor, out_dim, bias=False)
+
+    def forward(self, x):
+        return nanovlm_modality_projector(x, self.proj.weight, self.factor)
+
+
+def test_module_loads_nanovlm_checkpoint(backend_name):
+    torch.manual_seed(0)
+    theirs = NanoVLMModalityProjector(24, 40, 4).to(DEVICE)
+    ours = dinofast.nn.PixelShuffleProjector(24, 40, 4).to(DEVICE)
+    assert set(ours.state_dict()) == {"proj.weight"}
+    assert ours.proj.weight.shape == (40, 24 * 16)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = randn(2, 64, 24)
+    assert_close(ours(x, (8, 8)), nanovlm_modality_projector(x.double(), theirs.proj.weight.double(), 4),
+                 torch.float32)
+    assert_close(ours(x, (8, 8)), theirs(x))
+    assert set(dinofast.nn.PixelShuffleProjector(24, 40, 4, bias=True).state_dict()) == {"proj.weight", "proj.bias"}
+
+
+def test_module_packed_with_prefix(backend_name):
+    m = dinofast.nn.PixelShuffleProjector(24, 40, 2, bias=True, num_prefix_tokens=5).to(DEVICE)
+    torch.nn.init.normal_(m.proj.bias)
+    x, _, _, cu, g = packed_inputs(PACKED_GRIDS, 5, 24, 40, 2)
+    y, out_cu = m(x, g, cu_seqlens=cu)
+    want, want_cu = pixel_shuffle_project_reference(x, m.proj.weight.detach(), m.proj.bias.detach(), grids=g,
+                                                    factor=2, num_prefix_tokens=5, cu_seqlens=cu)
+    assert_close(y, want)
+    assert torch.equal(out_cu, want_cu)
+    with pytest.raises(ValueError, match="in_dim = 24"):
+        m(x[:, :16], g, cu_seqlens=cu)
+
+
+def test_shuffled_grid():
+    assert dinofast.shuffled_grid(40, 60, 4) == (10, 15)
+    assert dinofast.shuffled_grid(32, 32, 2) == (16, 16)
+    assert dinofast.shuffled_grid(7, 5, 1) == (7, 5)
+    with pytest.raises(ValueError, match=r"grids.*divisible by factor 4.*\(41, 60\)"):
+        dinofast.shuffled_grid(41, 60, 4)
+    with pytest.raises(ValueError, match=r"factor"):
+        dinofast.shuffled_grid(40, 60, 0)
+    with pytest.raises(ValueError, match=r"grids"):
+        dinofast.shuffled_grid(0, 60, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile (CPU, through the reference and C++ registrations)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_torch_compile_fullgraph(backend, packed):
+    reason = dinofast._backend.why_unavailable(backend, "cpu")
+    if reason:
+        pytest.skip(reason=f"{backend}: {reason}")
+    if packed:
+        x0, w0, b0, cu, g = (t.cpu() for t in packed_inputs([(4, 6), (2, 4)], 5, 24, 40, 2))
+        kw = dict(grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)
+    else:
+        x0, w0, b0 = (t.cpu() for t in batched_inputs(2, (4, 6), 5, 24, 40, 2))
+        kw = dict(grids=(4, 6), factor=2, num_prefix_tokens=5)
+
+    def f(x, w, b):
+        y = dinofast.pixel_shuffle_project(x * 2, w, b, **kw)
+        y = y[0] if packed else y
+        return (y * y).sum()
+
+    with dinofast.backend(backend):
+        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+        eager = f(*leaves)
+        eager.backward()
+        cleaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*cleaves)
+        compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for c, e in zip(cleaves, leaves):
+        torch.testing.assert_close(c.grad, e.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: ValueError naming the argument and the numbers, in Python; TORCH_CHECK in C++
+# ---------------------------------------------------------------------------------------------
+def _bad_cases():
+    x, w, b = batched_inputs(1, (4, 6), 5, 8, 12, 2)
+    px, pw, pb, cu, g = packed_inputs([(4, 6), (2, 2)], 5, 8, 12, 2)
+    bad_cu = cu.clone()
+    bad_cu[1] += 1
+    op = dinofast.pixel_shuffle_project
+    return [
+        (r"grids.*divisible by factor 4.*\(4, 6\)", lambda: op(x, randn(12, 8 * 16), grids=(4, 6), factor=4,
+                                                              num_prefix_tokens=5)),
+        (r"weight.*D\*s\*s = 8\*2\*2 = 32.*\(12, 24\)", lambda: op(x, w[:, :24], grids=(4, 6), factor=2,
+                                                                  num_prefix_tokens=5)),
+        (r"x: expected N = num_prefix_tokens \+ Hp\*Wp = 5 \+ 4\*4 = 21.*29", lambda: op(x, w, grids=(4, 4),
+                                                                                       factor=2, num_prefix_tokens=5)),
+        (r"x: expected N = num_prefix_tokens \+ Hp\*Wp = 1 \+ 4\*6 = 25", lambda: op(x, w, grids=(4, 6), factor=2,
+                                                                                   num_prefix_tokens=1)),
+        (r"weight: expected dtype", lambda: op(x, w.half(), grids=(4, 6), factor=2, num_prefix_tokens=5)),
+        (r"bias: expected dtype", lambda: op(x, w, b.double(), grids=(4, 6), factor=2, num_prefix_tokens=5)),
+        (r"bias: expected \[out\] = \[12\]", lambda: op(x, w, b[:5], grids=(4, 6), factor=2, num_prefix_tokens=5)),
+        (r"x: expected a 3-D", lambda: op(x[0], w, grids=(4, 6), factor=2, num_prefix_tokens=5)),
+        (r"x: expected dtype", lambda: op(x.int(), w, grids=(4, 6), factor=2, num_prefix_tokens=5)),
+        (r"factor: expected a positive int", lambda: op(x, w, grids=(4, 6), factor=0, num_prefix_tokens=5)),
+        (r"factor: expected a positive int", lambda: op(x, w, grids=(4, 6), factor=2.0, num_prefix_tokens=5)),
+        (r"num_prefix_tokens", lambda: op(x, w, grids=(4, 6), factor=2, num_prefix_tokens=-1)),
+        (r"grids: expected \(Hp, Wp\)", lambda: op(x, w, grids=(4, 6, 1), factor=2, num_prefix_tokens=5)),
+        # packed metadata
+        (r"cu_seqlens", lambda: op(px, pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu.long())),
+        (r"cu_seqlens.*segment 0 of num_prefix_tokens \+ Hp\*Wp = 5 \+ 4\*6 = 29 tokens.*30",
+         lambda: op(px, pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=bad_cu)),
+        (r"cu_seqlens", lambda: op(px, pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu[:-1])),
+        (r"cu_seqlens\[-1\] == 37", lambda: op(px[:-1], pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
+        (r"grids.*image 1 both divisible by factor 2.*\(1, 4\)",
+         lambda: op(px, pw, grids=torch.tensor([[4, 6], [1, 4]], dtype=torch.int32, device=DEVICE), factor=2,
+                    num_prefix_tokens=5, cu_seqlens=cu)),
+        (r"grids", lambda: op(px, pw, grids=g[:1], factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
+        (r"grids", lambda: op(px, pw, grids=g.long(), factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
+        (r"x: expected a 2-D", lambda: op(px[None], pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_raises_value_error(backend_name, case):
+    pattern, call = _bad_cases()[case]
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_cpp_checks_its_inputs():
+    if dinofast._backend.load_C() is None:
+        pytest.skip(reason="dinofast._C is not built")
+    op = torch.ops.dinofast_C.pixel_shuffle_project
+    x, w = torch.randn(1, 29, 8), torch.randn(12, 32)
+    y = torch.empty(6, 12)
+    with pytest.raises(RuntimeError, match="N: expected"):
+        op(x, w, None, y, None, None, None, 4, 4, 2, 5)
+    with pytest.raises(RuntimeError, match="in-features"):
+        op(x, torch.randn(12, 24), None, y, None, None, None, 4, 6, 2, 5)
+    with pytest.raises(RuntimeError, match="divisible"):
+        op(x, w, None, y, None, None, None, 3, 8, 2, 5)
+    with pytest.raises(RuntimeError, match="rows"):
+        op(x, w, None, torch.empty(5, 12), None, None, None, 4, 6, 2, 5)
+    cu = torch.tensor([0, 29], dtype=torch.int32)
+    g = torch.tensor([[4, 6]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out_cu_seqlens"):
+        op(x, w, None, y, cu, g, torch.tensor([0, 5], dtype=torch.int32), 0, 0, 2, 5)
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        op(x, w, None, y, torch.tensor([0, 28], dtype=torch.int32), g, torch.tensor([0, 6], dtype=torch.int32),
+           0, 0, 2, 5)
+    with pytest.raises(RuntimeError, match="grad_x"):
+        torch.ops.dinofast_C.pixel_shuffle_project_backward(y, x, w, torch.empty(1, 28, 8), None, None, None, None,
+                                                            None, 4, 6, 2, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernels compile for real GPUs (no GPU needed): no spills, wgmma on sm_90
+# ---------------------------------------------------------------------------------------------
+# (capability, dtype, kernel, packed): forward, grad_x and grad_weight at their DEFAULT_* tiles
+AOT_CONFIGS = [(cap, dtype, kernel, packed) for cap in (80, 90) for dtype in ("float16", "bfloat16")
+               for kernel in ("fwd", "dx", "dw") for packed in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def aot_pixel_shuffle_project():
+    """Every config compiled once, in one subprocess (see tests/aot.py)."""
+    from dinofast.kernels import pixel_shuffle_project as K
+    from tests.aot import TRITON_DTYPE, compile_specs
+
+    kernels = {
+        "fwd": ("pixel_shuffle_project_fwd_kernel", ("x_ptr", "w_ptr", "bias_ptr", "y_ptr"), K.DEFAULT_FWD,
+                dict(HAS_BIAS=True)),
+        "dx": ("pixel_shuffle_project_bwd_dx_kernel", ("dy_ptr", "w_ptr", "dx_ptr"), K.DEFAULT_DX, {}),
+        "dw": ("pixel_shuffle_project_bwd_dw_kernel", ("dy_ptr", "x_ptr", "dw_ptr"), K.DEFAULT_DW, {}),
+    }
+    specs = []
+    for cap, dtype, name, packed in AOT_CONFIGS:
+        kernel, tensors, cfg, extra = kernels[name]
+        cfg = dict(cfg)
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        arg_names = getattr(K, kernel).arg_names
+        specs.append(dict(
+            module="dinofast.kernels.pixel_shuffle_project", kernel=kernel, capability=cap, num_warps=num_warps,
+            num_stages=num_stages, name=f"{kernel}[{dtype}, packed={packed}]",
+            pointers={**{t: "*" + TRITON_DTYPE[dtype] for t in tensors},
+                      "cu_ptr": "*i32", "grids_ptr": "*i32", "out_cu_ptr": "*i32"},
+            constexprs=dict(PACKED=packed, UPCAST=False, INPUT_PRECISION="tf32", **extra, **cfg),
+            # as a launch specialises them: aligned pointers; strides and D (384..1280) multiples of 16
+            divisible_by_16=[a for a in arg_names if a.endswith("_ptr") or a.startswith("stride") or a == "D"]))
+    return dict(zip(AOT_CONFIGS, compile_specs(specs)))
+
+
+@pytest.mark.parametrize("config", AOT_CONFIGS,
+                         ids=lambda c: f"sm{c[0]}-{c[1]}-{c[2]}-{'packed' if c[3] else 'batched'}")
+def test_aot_compile(aot_pixel_shuffle_project, config):
+    """No register spills, shared memory within the GPU's limit, tensor-core MMAs: mma.sync on
+    sm_80, wgmma on sm_90 (the sm_90 bf16 forward in particular)."""
+    from tests.aot import SHARED_MEMORY_LIMIT
+
+    k = aot_pixel_shuffle_project[config]
+    print(k.summary())
+    assert k.spill_stores == 0 and k.spill_loads == 0, k.summary()
+    assert k.shared <= SHARED_MEMORY_LIMIT[k.capability], k.summary()
+    assert f".target sm_{k.capability}" in k.ptx
+    if k.capability == 90:
+        assert "wgmma" in k.ptx, f"{k.summary()}: expected wgmma on sm_90"
+    else:
+        assert "mma.sync" in k.ptx, f"{k.summary()}: expected mma.sync on sm_80"
