@@ -8,5 +8,8 @@ from dinofast._backend import (  # noqa: F401
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_  # noqa: F401
 from dinofast.reference.rope2d import sample_coord_transform  # noqa: F401
 from dinofast import nn  # noqa: F401
+from dinofast.models import (  # noqa: F401
+    CheckpointError, ImageFeatures, encode_packed, load_dinov3, patch_dinov3, unpatch_dinov3,
+)
 
 __version__ = "0.1.0"
