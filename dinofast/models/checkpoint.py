@@ -35,7 +35,7 @@ import math
 import os
 import re
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -90,7 +90,8 @@ def read_tensors(path) -> Dict[str, Tensor]:
     return sd
 
 
-def _read_transformers_dir(path: str) -> Dict[str, Tensor]:
+def _read_transformers_dir(path: str) -> Tuple[Dict[str, Tensor], Callable[[str], str]]:
+    """(state dict keyed as the 5.x modules name them, display: model key -> key as the file spells it)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -104,8 +105,11 @@ def _read_transformers_dir(path: str) -> Dict[str, Tensor]:
     sd = {}
     for f in files:
         sd.update(read_tensors(f))
-    # transformers 4.x saved the encoder layers as `layer.i.*`; 5.x as `model.layer.i.*`.
-    return {("model." + k if k.startswith("layer.") else k): v for k, v in sd.items()}
+    # save_pretrained writes the encoder layers as `layer.i.*` (the hub layout); the 5.x module
+    # path is `model.layer.i.*`. Both are accepted; messages use the file's spelling.
+    hub = any(k.startswith("layer.") for k in sd)
+    sd = {("model." + k if k.startswith("layer.") else k): v for k, v in sd.items()}
+    return sd, (lambda k: k[len("model."):] if hub and k.startswith("model.layer.") else k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,26 +250,27 @@ def original_to_transformers(sd: Dict[str, Tensor], path="<state dict>"
 # ---------------------------------------------------------------------------------------------
 # Building the model
 # ---------------------------------------------------------------------------------------------
-def _check_finite(path, sd: Dict[str, Tensor], names: Dict[str, str]) -> None:
-    bad = [names.get(k, k) for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+def _check_finite(path, sd: Dict[str, Tensor], display) -> None:
+    bad = [display(k) for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         _fail(path, f"NaN or Inf in {sorted(bad)}: refusing to build a model that outputs garbage")
 
 
-def _build(path, config, sd: Dict[str, Tensor], periods: Optional[Tensor], dtype, device):
-    """An unpatched DINOv3ViTModel holding exactly `sd` (strict: missing/unexpected/shape -> CheckpointError)."""
+def _build(path, config, sd: Dict[str, Tensor], periods: Optional[Tensor], dtype, device, display):
+    """An unpatched DINOv3ViTModel holding exactly `sd` (strict: missing/unexpected/shape -> CheckpointError).
+    display(key) names a model key as the file names it, for messages."""
     from transformers import DINOv3ViTModel
 
     with torch.device("meta"):  # no random init: every parameter must come from the file
         model = DINOv3ViTModel(config)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
+    missing = [display(k) for k in expected if k not in sd]
+    unexpected = [display(k) for k in sd if k not in expected]
     if missing or unexpected:
         _fail(path, "the checkpoint does not match the DINOv3ViTModel of its config: " + _key_report(missing, unexpected))
     for k, t in expected.items():
         if sd[k].shape != t.shape:
-            _fail(path, f"{k}: expected shape {list(t.shape)}, got {list(sd[k].shape)}")
+            _fail(path, f"{display(k)}: expected shape {list(t.shape)}, got {list(sd[k].shape)}")
     if dtype is None:
         dtype = sd["embeddings.patch_embeddings.weight"].dtype
     if not dtype.is_floating_point:
@@ -306,11 +311,11 @@ def load_unpatched(path, *, dtype=None, device=None, use_stored_periods: bool = 
         if not os.path.isfile(os.path.join(path, "config.json")):
             _fail(path, "a directory must be a transformers model directory with config.json")
         config = DINOv3ViTConfig.from_pretrained(path)
-        sd = _read_transformers_dir(path)
-        names = {}
+        sd, display = _read_transformers_dir(path)
         periods = _read_periods(path, config, use_stored_periods)
     else:
         config_kwargs, sd, periods, names = original_to_transformers(read_tensors(path), path)
+        display = lambda k: names.get(k, k)  # noqa: E731
         config = DINOv3ViTConfig(**config_kwargs)
         if periods is not None:
             periods = periods.float()
@@ -322,8 +327,8 @@ def load_unpatched(path, *, dtype=None, device=None, use_stored_periods: bool = 
         setattr(config, PERIODS_CONFIG_KEY, periods.tolist())
     elif hasattr(config, PERIODS_CONFIG_KEY):
         delattr(config, PERIODS_CONFIG_KEY)
-    _check_finite(path, sd, names)
-    return _build(path, config, sd, periods, dtype, device), periods
+    _check_finite(path, sd, display)
+    return _build(path, config, sd, periods, dtype, device, display), periods
 
 
 def load_dinov3(path, *, dtype: Optional[torch.dtype] = None, device=None, use_stored_periods: bool = True):
