@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from dinofast import _validate as V
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_
+from dinofast.ops.varlen_attention import varlen_attention
 from dinofast.reference.rope2d import inv_freq as default_inv_freq
 from dinofast.reference.rope2d import sample_coord_transform
 
@@ -103,19 +104,9 @@ def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_pre
 
 
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: float) -> Tensor:
-    """q, k, v [T, H, D] packed -> [T, H, D]; each image attends only to itself."""
-    # Until dinofast.varlen_attention lands: rope2d on the packed sequence, SDPA per image.
-    spec = plan.rope
-    rope = dict(num_prefix_tokens=spec.num_prefix_tokens, theta=spec.theta, periods=spec.periods,
-                cu_seqlens=plan.cu_seqlens, coord_transform=spec.coord_transform)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        q, k = rope2d(q, k, spec.grids, **rope)
-    else:
-        rope2d_(q, k, spec.grids, **rope)
-    cu = plan.cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale)
-            for a, b in zip(cu[:-1], cu[1:])]
-    return torch.cat(outs, dim=1).transpose(0, 1)
+    """q, k, v [T, H, D] packed (strided views of the qkv buffer) -> [T, H, D]; each image attends
+    only to itself, RoPE fused into the attention's Q/K loads."""
+    return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope)
 
 
 def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
