@@ -17,6 +17,7 @@ an attention implementation).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -140,14 +141,51 @@ def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _P
     return attn.o_proj(out.flatten(-2))
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _cpu_inference(layer, x: Tensor) -> bool:
+    """True where the oneDNN path runs: fp32 CPU tensors, no autograd, no drop-path (eval)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not layer.training and _onednn_linear_available())
+
+
+def _mlp_forward(mlp, x: Tensor, fast: bool) -> Tensor:
+    """DINOv3ViTMLP / DINOv3ViTGatedMLP. On the CPU inference path the activation runs in the
+    epilogue of the first GEMM (oneDNN post-op), saving a pass over the [tokens, 4C] hidden."""
+    act = mlp.config.hidden_act
+    gated = hasattr(mlp, "gate_proj")
+    if not fast or act not in (("silu", "swish") if gated else ("gelu",)):
+        return mlp(x)
+    lin = torch.ops.mkldnn._linear_pointwise
+    first = mlp.gate_proj if gated else mlp.up_proj
+    h = lin(x, first.weight, first.bias, "swish" if gated else "gelu", [], "" if gated else "none")
+    if gated:
+        h = h.mul_(mlp.up_proj(x))
+    return mlp.down_proj(h)
+
+
 def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
-    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention."""
-    residual = hidden_states
+    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention; on the CPU
+    inference path LayerScale and the residual add are one pass (addcmul)."""
+    fast = _cpu_inference(layer, hidden_states)
     h = _attention_forward(layer.attention, layer.norm1(hidden_states), plan)
-    hidden_states = layer.drop_path(layer.layer_scale1(h)) + residual
-    residual = hidden_states
+    if fast:
+        hidden_states = torch.addcmul(hidden_states, h, layer.layer_scale1.lambda1)
+        h = _mlp_forward(layer.mlp, layer.norm2(hidden_states), fast)
+        return torch.addcmul(hidden_states, h, layer.layer_scale2.lambda1)
+    hidden_states = layer.drop_path(layer.layer_scale1(h)) + hidden_states
     h = layer.mlp(layer.norm2(hidden_states))
-    return layer.drop_path(layer.layer_scale2(h)) + residual
+    return layer.drop_path(layer.layer_scale2(h)) + hidden_states
+
+
+def _layer_module_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                          position_embeddings=None, **kwargs) -> Tensor:
+    """Patched DINOv3ViTLayer.forward."""
+    _check_plan(position_embeddings, attention_mask)
+    return _layer_forward(self, hidden_states, position_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,19 +205,24 @@ def _rope_forward(self, pixel_values: Tensor) -> _BatchedPlan:
 def _attention_module_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                               position_embeddings=None, **kwargs):
     """Patched DINOv3ViTAttention.forward; returns (output, None) like transformers' sdpa path."""
+    _check_plan(position_embeddings, attention_mask)
+    return _attention_forward(self, hidden_states, position_embeddings), None
+
+
+def _check_plan(position_embeddings, attention_mask) -> None:
     if not isinstance(position_embeddings, (_BatchedPlan, _PackedPlan)):
         raise ValueError(
             "position_embeddings: expected the plan of a dinofast-patched rope_embeddings module "
-            f"(this attention layer is patched by dinofast.patch_dinov3), got {type(position_embeddings).__name__}; "
+            f"(this layer is patched by dinofast.patch_dinov3), got {type(position_embeddings).__name__}; "
             "patch the whole model with dinofast.patch_dinov3(model) or unpatch it")
     if attention_mask is not None:
         raise ValueError("attention_mask: expected None (DINOv3 attends to every token), got a tensor")
-    return _attention_forward(self, hidden_states, position_embeddings), None
 
 
 _PATCHED_FORWARDS = {
     "DINOv3ViTRopePositionEmbedding": _rope_forward,
     "DINOv3ViTAttention": _attention_module_forward,
+    "DINOv3ViTLayer": _layer_module_forward,
 }
 _SUBCLASSES: Dict[type, type] = {}
 
