@@ -128,6 +128,11 @@ def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _P
     """DINOv3ViTAttention's computation with dinofast ops.
 
     Batched: hidden_states [B, N, C] with a _BatchedPlan. Packed: [T, C] with a _PackedPlan."""
+    return attn.o_proj(_attention_heads(attn, hidden_states, plan))
+
+
+def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan]) -> Tensor:
+    """_attention_forward before the output projection: the heads' outputs, [..., C]."""
     qkv = _qkv_projection(attn, hidden_states)
     q, k, v = qkv.unbind(-3)  # views, [..., H, D]
     if isinstance(plan, _PackedPlan):
@@ -138,7 +143,7 @@ def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _P
         dropout_p = attn.dropout if attn.training else 0.0
         out = _attend_batched(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, P,
                               attn.scaling, dropout_p).transpose(1, 2)
-    return attn.o_proj(out.flatten(-2))
+    return out.flatten(-2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,35 +152,45 @@ def _onednn_linear_available() -> bool:
 
 
 def _cpu_inference(layer, x: Tensor) -> bool:
-    """True where the oneDNN path runs: fp32 CPU tensors, no autograd, no drop-path (eval)."""
+    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not layer.training and _onednn_linear_available())
+            and not layer.training and x.is_contiguous() and _onednn_linear_available())
 
 
-def _mlp_forward(mlp, x: Tensor, fast: bool) -> Tensor:
-    """DINOv3ViTMLP / DINOv3ViTGatedMLP. On the CPU inference path the activation runs in the
-    epilogue of the first GEMM (oneDNN post-op), saving a pass over the [tokens, 4C] hidden."""
-    act = mlp.config.hidden_act
+def _mlp_hidden(mlp, x: Tensor) -> Tensor:
+    """DINOv3ViTMLP / DINOv3ViTGatedMLP up to (not including) down_proj, on the CPU inference path:
+    the activation runs in the epilogue of the first GEMM (oneDNN post-op), saving a pass over the
+    [tokens, 4C] hidden. None when the activation has no such post-op."""
     gated = hasattr(mlp, "gate_proj")
-    if not fast or act not in (("silu", "swish") if gated else ("gelu",)):
-        return mlp(x)
-    lin = torch.ops.mkldnn._linear_pointwise
+    if mlp.config.hidden_act not in (("silu", "swish") if gated else ("gelu",)):
+        return None
     first = mlp.gate_proj if gated else mlp.up_proj
-    h = lin(x, first.weight, first.bias, "swish" if gated else "gelu", [], "" if gated else "none")
-    if gated:
-        h = h.mul_(mlp.up_proj(x))
-    return mlp.down_proj(h)
+    h = torch.ops.mkldnn._linear_pointwise(x, first.weight, first.bias, "swish" if gated else "gelu", [],
+                                           "" if gated else "none")
+    return h.mul_(mlp.up_proj(x)) if gated else h
+
+
+def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Tensor:
+    """residual + scale * linear(x) as ONE GEMM (CPU inference path): LayerScale folded into the
+    weight rows (a [C, K] multiply, small next to the GEMM over the tokens), residual added in the
+    GEMM epilogue (oneDNN binary post-op)."""
+    weight = linear.weight * scale[:, None]
+    bias = None if linear.bias is None else linear.bias * scale
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
 def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
-    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention; on the CPU
-    inference path LayerScale and the residual add are one pass (addcmul)."""
-    fast = _cpu_inference(layer, hidden_states)
+    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention."""
+    if _cpu_inference(layer, hidden_states):
+        attn = layer.attention
+        h = _attention_heads(attn, layer.norm1(hidden_states), plan)
+        hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
+        x = layer.norm2(hidden_states)
+        h = _mlp_hidden(layer.mlp, x)
+        if h is None:
+            return torch.addcmul(hidden_states, layer.mlp(x), layer.layer_scale2.lambda1)
+        return _scaled_linear_add(layer.mlp.down_proj, h, layer.layer_scale2.lambda1, hidden_states)
     h = _attention_forward(layer.attention, layer.norm1(hidden_states), plan)
-    if fast:
-        hidden_states = torch.addcmul(hidden_states, h, layer.layer_scale1.lambda1)
-        h = _mlp_forward(layer.mlp, layer.norm2(hidden_states), fast)
-        return torch.addcmul(hidden_states, h, layer.layer_scale2.lambda1)
     hidden_states = layer.drop_path(layer.layer_scale1(h)) + hidden_states
     h = layer.mlp(layer.norm2(hidden_states))
     return layer.drop_path(layer.layer_scale2(h)) + hidden_states
