@@ -14,5 +14,8 @@ from dinofast.ops.varlen_attention import (  # noqa: F401
 from dinofast.reference.rope2d import sample_coord_transform  # noqa: F401
 from dinofast.ops.pixel_shuffle_project import pixel_shuffle_project, shuffled_grid  # noqa: F401
 from dinofast import nn  # noqa: F401
+from dinofast.models import (  # noqa: F401
+    CheckpointError, ImageFeatures, encode_packed, load_dinov3, patch_dinov3, unpatch_dinov3,
+)
 
 __version__ = "0.1.0"

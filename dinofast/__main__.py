@@ -11,7 +11,9 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMANDS = {}
+SUBCOMMANDS = {
+    "convert": "dinofast.models.checkpoint:main",  # original-layout DINOv3 checkpoint -> transformers dir
+}
 
 
 def _self_check(argv: List[str]) -> int:
