@@ -8,5 +8,6 @@ from dinofast._backend import (  # noqa: F401
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_  # noqa: F401
 from dinofast.reference.rope2d import sample_coord_transform  # noqa: F401
 from dinofast import nn  # noqa: F401
+from dinofast.data import Grid, ImageProcessor, Packed, TokenBudgetSampler, image_token_string, pack  # noqa: F401
 
 __version__ = "0.1.0"
