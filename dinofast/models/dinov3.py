@@ -1,0 +1,373 @@
+"""dinofast inside transformers' DINOv3 ViT: in-place patching and a packed mixed-resolution forward.
+
+Patching (`patch_dinov3`) swaps the classes of two kinds of submodules for dinofast subclasses; no
+parameter, buffer or state-dict key changes, and `unpatch_dinov3` swaps the classes back:
+  rope_embeddings (DINOv3ViTRopePositionEmbedding): instead of cos/sin tables its forward returns a
+      `_BatchedPlan` (grid, rope frequencies, and in train mode the coordinate augmentation drawn
+      exactly as transformers draws it: once per forward, same RNG calls in the same order).
+  layer.i.attention (DINOv3ViTAttention): one fused q|k|v projection, dinofast's 2D RoPE on the
+      q/k views of that buffer (in place when no gradient is needed), then attention.
+The encoder and layers are transformers' own; they hand the plan to every attention unchanged.
+
+`encode_packed` runs the same modules over one packed sequence of images of different sizes:
+[CLS, registers, patches] per image back to back, no padding, varlen attention with fused RoPE.
+
+Every attention call goes through `_attend_batched` or `_attend_packed` (the only places that pick
+an attention implementation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinofast import _validate as V
+from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_
+from dinofast.reference.rope2d import inv_freq as default_inv_freq
+from dinofast.reference.rope2d import sample_coord_transform
+
+
+# ---------------------------------------------------------------------------------------------
+# What the patched rope module hands every attention layer
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _BatchedPlan:
+    """RoPE for a batch of same-size images [B, N, C], N = num_prefix_tokens + Hp*Wp."""
+
+    hp: int
+    wp: int
+    theta: float
+    periods: Optional[Tensor]  # [D/4] float32, None: transformers' default from theta
+    coord_transform: Optional[Tensor]  # float32 [4] (train-mode augmentation), shared by the batch
+
+
+@dataclass(frozen=True)
+class _PackedPlan:
+    """A packed sequence [T, C] of n images: cu_seqlens int32 [n+1], rope.grids int32 [n, 2]."""
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+    rope: RopeSpec
+
+
+def _transformers_dinov3():
+    from transformers.models.dinov3_vit import modeling_dinov3_vit as m
+
+    return m
+
+
+def _patch_size(config) -> Tuple[int, int]:
+    p = config.patch_size
+    return (int(p[0]), int(p[1])) if isinstance(p, (tuple, list)) else (int(p), int(p))
+
+
+def _stored_periods(rope_module) -> Optional[Tensor]:
+    """None when rope_module.inv_freq is transformers' default (the kernels then compute it from
+    theta, bit for bit), else the periods 1/inv_freq (e.g. loaded from a checkpoint).
+    Cached per inv_freq version so a forward costs no host sync."""
+    inv = rope_module.inv_freq
+    key = (inv.data_ptr(), inv._version, inv.device)
+    cached = rope_module.__dict__.get("_dinofast_periods")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    default = default_inv_freq(rope_module.head_dim, rope_module.base, device=inv.device)
+    periods = None if torch.equal(inv.float(), default) else (1.0 / inv.float()).contiguous()
+    rope_module.__dict__["_dinofast_periods"] = (key, periods)
+    return periods
+
+
+def _coord_transform(config, n: int, device) -> Optional[Tensor]:
+    """Train-mode coordinate augmentation [n, 4], drawn like transformers (None when none is set)."""
+    shift, jitter, rescale = config.pos_embed_shift, config.pos_embed_jitter, config.pos_embed_rescale
+    if shift is None and jitter is None and rescale is None:
+        return None
+    return sample_coord_transform(n, shift=shift, jitter=jitter, rescale=rescale, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention (the only place that picks an attention implementation)
+# ---------------------------------------------------------------------------------------------
+def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_prefix_tokens: int,
+                    scale: float, dropout_p: float) -> Tensor:
+    """q, k, v [B, H, N, D] (strided views of the qkv buffer) -> [B, H, N, D]."""
+    rope = dict(num_prefix_tokens=num_prefix_tokens, theta=plan.theta, periods=plan.periods,
+                coord_transform=plan.coord_transform)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        q, k = rope2d(q, k, (plan.hp, plan.wp), **rope)
+    else:  # q and k are views of a temporary: rotate them where they are
+        rope2d_(q, k, (plan.hp, plan.wp), **rope)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: float) -> Tensor:
+    """q, k, v [T, H, D] packed -> [T, H, D]; each image attends only to itself."""
+    # Until dinofast.varlen_attention lands: rope2d on the packed sequence, SDPA per image.
+    spec = plan.rope
+    rope = dict(num_prefix_tokens=spec.num_prefix_tokens, theta=spec.theta, periods=spec.periods,
+                cu_seqlens=plan.cu_seqlens, coord_transform=spec.coord_transform)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        q, k = rope2d(q, k, spec.grids, **rope)
+    else:
+        rope2d_(q, k, spec.grids, **rope)
+    cu = plan.cu_seqlens.tolist()
+    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale)
+            for a, b in zip(cu[:-1], cu[1:])]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
+    """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM.
+
+    The fused weight is concatenated on every call (a copy of 3*C*C values, small next to the GEMM
+    over the tokens), so gradients flow to the original q/k/v parameters and nothing goes stale."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([p.weight for p in projs])
+    bias = None
+    if any(p.bias is not None for p in projs):
+        bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
+    qkv = F.linear(hidden_states, weight, bias)
+    return qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim))
+
+
+def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan]) -> Tensor:
+    """DINOv3ViTAttention's computation with dinofast ops.
+
+    Batched: hidden_states [B, N, C] with a _BatchedPlan. Packed: [T, C] with a _PackedPlan."""
+    qkv = _qkv_projection(attn, hidden_states)
+    q, k, v = qkv.unbind(-3)  # views, [..., H, D]
+    if isinstance(plan, _PackedPlan):
+        out = _attend_packed(q, k, v, plan, attn.scaling)
+    else:
+        B, N = hidden_states.shape[:2]
+        P = N - plan.hp * plan.wp  # CLS + registers, as transformers infers it
+        dropout_p = attn.dropout if attn.training else 0.0
+        out = _attend_batched(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, P,
+                              attn.scaling, dropout_p).transpose(1, 2)
+    return attn.o_proj(out.flatten(-2))
+
+
+def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
+    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention."""
+    residual = hidden_states
+    h = _attention_forward(layer.attention, layer.norm1(hidden_states), plan)
+    hidden_states = layer.drop_path(layer.layer_scale1(h)) + residual
+    residual = hidden_states
+    h = layer.mlp(layer.norm2(hidden_states))
+    return layer.drop_path(layer.layer_scale2(h)) + residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Patched module forwards
+# ---------------------------------------------------------------------------------------------
+def _rope_forward(self, pixel_values: Tensor) -> _BatchedPlan:
+    """Patched DINOv3ViTRopePositionEmbedding.forward: the plan instead of cos/sin tables."""
+    ph, pw = _patch_size(self.config)
+    _, _, height, width = pixel_values.shape
+    transform = None
+    if self.training:  # transformers augments whenever the module is in train mode
+        transform = _coord_transform(self.config, 1, pixel_values.device)
+        transform = None if transform is None else transform[0]
+    return _BatchedPlan(height // ph, width // pw, float(self.base), _stored_periods(self), transform)
+
+
+def _attention_module_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                              position_embeddings=None, **kwargs):
+    """Patched DINOv3ViTAttention.forward; returns (output, None) like transformers' sdpa path."""
+    if not isinstance(position_embeddings, (_BatchedPlan, _PackedPlan)):
+        raise ValueError(
+            "position_embeddings: expected the plan of a dinofast-patched rope_embeddings module "
+            f"(this attention layer is patched by dinofast.patch_dinov3), got {type(position_embeddings).__name__}; "
+            "patch the whole model with dinofast.patch_dinov3(model) or unpatch it")
+    if attention_mask is not None:
+        raise ValueError("attention_mask: expected None (DINOv3 attends to every token), got a tensor")
+    return _attention_forward(self, hidden_states, position_embeddings), None
+
+
+_PATCHED_FORWARDS = {
+    "DINOv3ViTRopePositionEmbedding": _rope_forward,
+    "DINOv3ViTAttention": _attention_module_forward,
+}
+_SUBCLASSES: Dict[type, type] = {}
+
+
+def _dinofast_subclass(cls: type, forward) -> type:
+    """A subclass of `cls` whose forward is dinofast's (one per original class, cached)."""
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type("Dinofast" + cls.__name__, (cls,), {
+            "forward": forward, "_dinofast_original": cls, "__module__": __name__,
+            "__doc__": f"{cls.__name__} running dinofast ops (see dinofast.patch_dinov3).",
+        })
+    return _SUBCLASSES[cls]
+
+
+def _original_class(module: nn.Module) -> type:
+    return type(module).__dict__.get("_dinofast_original", type(module))
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when patch_dinov3 has been applied to `model` (and not undone)."""
+    return any("_dinofast_original" in type(m).__dict__ for m in model.modules())
+
+
+def check_dinov3(model, arg: str = "model") -> None:
+    """ValueError unless `model` is a transformers DINOv3ViTModel or DINOv3ViTBackbone."""
+    m = _transformers_dinov3()
+    if not isinstance(model, (m.DINOv3ViTModel, m.DINOv3ViTBackbone)):
+        V.fail(arg, "a transformers DINOv3ViTModel or DINOv3ViTBackbone", type(model).__name__)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    V.check_head_dim(head_dim, f"{arg}.config hidden_size / num_attention_heads (head dim)")
+
+
+def patch_dinov3(model):
+    """Swap dinofast's attention (fused q|k|v, fused 2D RoPE, attention) into a transformers
+    DINOv3ViTModel / DINOv3ViTBackbone in place; returns the model. Idempotent.
+
+    Parameters, buffers and state-dict keys are unchanged; outputs equal the unpatched model's
+    (GELU or gated MLP, any number of registers, eval or train mode, autograd). Undo with
+    dinofast.unpatch_dinov3."""
+    check_dinov3(model)
+    for module in model.modules():
+        cls = _original_class(module)
+        forward = _PATCHED_FORWARDS.get(cls.__name__)
+        if forward is not None and cls.__module__.startswith("transformers."):
+            module.__class__ = _dinofast_subclass(cls, forward)
+    return model
+
+
+def unpatch_dinov3(model):
+    """Undo patch_dinov3 in place (a model that is not patched is returned unchanged)."""
+    check_dinov3(model)
+    for module in model.modules():
+        module.__class__ = _original_class(module)
+        module.__dict__.pop("_dinofast_periods", None)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed mixed-resolution forward
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ImageFeatures:
+    """One image's tokens from encode_packed (views into the packed output).
+
+    cls [D], registers [R, D], patches [Hp, Wp, D]; layers: {requested layer index: ImageFeatures
+    of that layer's hidden state} (empty when no output_layers were asked)."""
+
+    cls: Tensor
+    registers: Tensor
+    patches: Tensor
+    layers: Dict[int, "ImageFeatures"] = field(default_factory=dict)
+
+
+def _check_images(images, num_channels: int, patch: Tuple[int, int], device: torch.device) -> None:
+    if not isinstance(images, (list, tuple)):
+        V.fail("images", "a list of [3, H, W] tensors", type(images).__name__)
+    if len(images) == 0:
+        V.fail("images", "a non-empty list of [3, H, W] tensors", "an empty list")
+    first = images[0]
+    for i, img in enumerate(images):
+        name = f"images[{i}]"
+        V.check_tensor(img, name, ndim=3, dtypes=V.FLOAT_DTYPES)
+        if img.shape[0] != num_channels:
+            V.fail(name, f"[{num_channels}, H, W] (channels first)", f"shape {tuple(img.shape)}")
+        H, W = img.shape[1:]
+        if H == 0 or W == 0 or H % patch[0] or W % patch[1]:
+            V.fail(name, f"H and W positive multiples of the patch size {patch[0]}x{patch[1]}",
+                   f"size {H}x{W} (HxW)")
+        if img.dtype != first.dtype:
+            V.fail(name, f"dtype {first.dtype} (as images[0])", img.dtype)
+        if img.device != first.device:
+            V.fail(name, f"device {first.device} (as images[0])", img.device)
+    if first.device != device:
+        V.fail("images", f"tensors on the model's device {device}", first.device)
+
+
+def _check_layers(output_layers, num_layers: int) -> List[int]:
+    if output_layers is None:
+        return []
+    if isinstance(output_layers, int) or not isinstance(output_layers, (list, tuple)):
+        V.fail("output_layers", "a list of layer indices (ints, negative from the end)", output_layers)
+    for i in output_layers:
+        if not isinstance(i, int) or isinstance(i, bool) or not -num_layers <= i < num_layers:
+            V.fail("output_layers", f"ints in [-{num_layers}, {num_layers - 1}] ({num_layers} layers)", output_layers)
+    return list(output_layers)
+
+
+def _patch_embed(embeddings, images: Sequence[Tensor], patch: Tuple[int, int]) -> Tensor:
+    """Conv2d(kernel = stride = patch) of every image as ONE GEMM: [sum Hp*Wp, C], row-major per image."""
+    conv = embeddings.patch_embeddings
+    ph, pw = patch
+    cols = []
+    for img in images:
+        c, H, W = img.shape
+        cols.append(img.to(conv.weight.dtype).reshape(c, H // ph, ph, W // pw, pw)
+                    .permute(1, 3, 0, 2, 4).reshape(-1, c * ph * pw))
+    return F.linear(torch.cat(cols), conv.weight.flatten(1), conv.bias)
+
+
+def encode_packed(model, images: Sequence[Tensor], output_layers: Optional[Sequence[int]] = None
+                  ) -> List[ImageFeatures]:
+    """One forward of a DINOv3 model over images of different sizes, packed without padding.
+
+    model: a transformers DINOv3ViTModel / DINOv3ViTBackbone (patched or not; its modules are used
+    as they are, so weights and autograd are shared). images: list of [C, H_i, W_i] float tensors,
+    H_i and W_i multiples of the patch size, one dtype and device (the model's; cast to the model
+    dtype like transformers). output_layers: indices of transformer layers (0-based, negative
+    from the end) whose outputs (before the final norm, = transformers' hidden_states[i + 1]) are
+    returned too.
+
+    Returns one ImageFeatures per image: cls [D], registers [R, D], patches [Hp_i, Wp_i, D] after
+    the final norm (= last_hidden_state of that image run alone), and .layers.
+    In train mode the RoPE coordinate augmentation is drawn per image, in image order (as a loop
+    over the images would draw it); dropout and drop-path are not supported packed.
+    """
+    check_dinov3(model)
+    config = model.config
+    patch = _patch_size(config)
+    weight = model.embeddings.patch_embeddings.weight
+    _check_images(images, config.num_channels, patch, weight.device)
+    layers = model.model.layer
+    wanted = _check_layers(output_layers, len(layers))
+    if model.training and (config.drop_path_rate > 0 or config.attention_dropout > 0):
+        V.fail("model", "eval mode, or train mode without drop_path_rate / attention_dropout (not supported "
+               "packed)", f"drop_path_rate={config.drop_path_rate}, attention_dropout={config.attention_dropout}")
+
+    device = weight.device
+    grids = [(img.shape[1] // patch[0], img.shape[2] // patch[1]) for img in images]
+    emb = model.embeddings
+    prefix = torch.cat([emb.cls_token[0], emb.register_tokens[0]]).to(weight.dtype)  # [P, C]
+    P = prefix.shape[0]
+    patches = _patch_embed(emb, images, patch).split([hp * wp for hp, wp in grids])
+    x = torch.cat([t for p in patches for t in (prefix, p)])  # [T, C]: [CLS, regs, patches] per image
+
+    lengths = [P + hp * wp for hp, wp in grids]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    rope_module = model.rope_embeddings
+    transform = _coord_transform(config, len(images), device) if rope_module.training else None
+    plan = _PackedPlan(
+        torch.tensor(cu, dtype=torch.int32, device=device), max(lengths),
+        RopeSpec(torch.tensor(grids, dtype=torch.int32, device=device), P, float(rope_module.base),
+                 _stored_periods(rope_module), transform))
+
+    saved = {}
+    normalized = {i % len(layers) for i in wanted}
+    for i, layer in enumerate(layers):
+        x = _layer_forward(layer, x, plan)
+        if i in normalized:
+            saved[i] = x
+    out = model.norm(x)
+
+    def split(t: Tensor) -> List[ImageFeatures]:
+        return [ImageFeatures(t[a], t[a + 1:a + P], t[a + P:b].unflatten(0, (hp, wp)))
+                for a, b, (hp, wp) in zip(cu[:-1], cu[1:], grids)]
+
+    results = split(out)
+    for i in wanted:
+        for r, feats in zip(results, split(saved[i % len(layers)])):
+            r.layers[i] = feats
+    return results
