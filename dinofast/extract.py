@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import datetime
 import glob
 import hashlib
@@ -273,12 +274,16 @@ def save_shard(tensors: Dict[str, torch.Tensor], path: str) -> None:
         os.fsync(f.fileno())
 
 
-def flatten(result: dict, prefix: str) -> Dict[str, torch.Tensor]:
-    """encode_packed's per-image dict -> flat safetensors keys `{prefix}/cls`, ..., nested dicts
-    joined with '.' (`{prefix}/layers.3.patches`). Each tensor gets its own CPU storage."""
+def flatten(result, prefix: str) -> Dict[str, torch.Tensor]:
+    """encode_packed's per-image result (ImageFeatures or a dict) -> flat safetensors keys
+    `{prefix}/cls`, `{prefix}/registers`, `{prefix}/patches`, nested parts joined with '.'
+    (`{prefix}/layers.3.patches`). Each tensor gets its own CPU storage (safetensors refuses
+    views that share one)."""
     out: Dict[str, torch.Tensor] = {}
 
     def walk(obj, name):
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
         if isinstance(obj, torch.Tensor):
             out[f"{prefix}/{name}"] = obj.detach().to("cpu", copy=True).contiguous()
         elif isinstance(obj, dict):
@@ -338,21 +343,21 @@ def _error_record(path: str, original_size, message: str) -> dict:
 
 
 def run(args) -> Summary:
-    import dinofast
-
     device = pick_device(args.device)
     dist = Dist(device)
     try:
-        return _run(args, device, dist, dinofast)
+        return _run(args, device, dist)
     finally:
         dist.close()
 
 
-def _run(args, device, dist: Dist, dinofast) -> Summary:
+def _run(args, device, dist: Dist) -> Summary:
+    from dinofast import models
+
     out_dir = args.out
     dtype = DTYPES[args.dtype]
     os.makedirs(out_dir, exist_ok=True)
-    model = dinofast.load_dinov3(args.model, dtype=dtype, device=device)
+    model = models.load_dinov3(args.model, dtype=dtype, device=device)
     model.eval()
     cfg = model.config
     patch_size = int(cfg.patch_size)
@@ -411,7 +416,7 @@ def _run(args, device, dist: Dist, dinofast) -> Summary:
                 pixels.append(px.to(device=device, dtype=dtype, non_blocking=True))
             if pixels:
                 with torch.inference_mode():
-                    results = dinofast.encode_packed(model, pixels, output_layers=output_layers or None)
+                    results = models.encode_packed(model, pixels, output_layers=output_layers or None)
                 for (it, grid), res in zip(good, results):
                     key = image_id(it.path)
                     tensors = flatten(res, key)
