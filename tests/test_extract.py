@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 import dinofast
 import dinofast.__main__
-import tests._shim  # noqa
 from dinofast import extract, models
 from tests.conftest import MODEL_TOL_SCALE, assert_close
 
