@@ -51,10 +51,10 @@ def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     defines = [("DINOFAST_ABI_VERSION", str(ABI_VERSION)), ("DINOFAST_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # no -std: torch's BuildExtension picks the one its headers need
     if _cuda_wanted():
         archs = [a.strip() for a in os.environ.get("DINOFAST_CUDA_ARCHS", "80;90").split(";") if a.strip()]
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc_flags = ["-O3", "-lineinfo"]
         for arch in archs:
             nvcc_flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         return cpp_extension.CUDAExtension(

@@ -1,4 +1,4 @@
-// 2D RoPE index math and argument checks, shared by rope2d.cpp (CPU) and rope2d.cu (CUDA).
+// 2D RoPE index math and argument checks, shared by rope2d_cpu.cpp (CPU) and rope2d_cuda.cu (CUDA).
 // Numerics: shared/dinov3-reference.md; oracle: dinofast/reference/rope2d.py.
 #pragma once
 #include <cmath>

@@ -1,42 +1,45 @@
-"""`python -m dinofast` / `dinofast`: subcommands; with none, print the backends this machine has.
+"""`python -m dinofast` (or `dinofast`): with no subcommand, prints the backends available here and,
+for each op, a parity check and a speed table against the reference on random data.
 
-    dinofast extract --model PATH --images DIR_OR_GLOB --out DIR [...]   features for a dataset
+Subcommands live in their own modules; each is listed once in SUBCOMMANDS as "module:function",
+where function(argv) parses its own arguments.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "extract": "dinofast.extract:main",
+}
 
 
-def _report() -> int:
+def _self_check(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dinofast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    args = parser.parse_args(argv)
     import torch
+    from dinofast import _checks
 
-    import dinofast
-    from dinofast import _backend
-
-    print(f"dinofast {dinofast.__version__}, torch {torch.__version__}")
-    for device_type in ("cpu", "cuda"):
-        for name in dinofast.BACKENDS:
-            reason = _backend.why_unavailable(name, device_type)
-            print(f"  {device_type:4s} {name:9s} {'ok' if reason is None else 'off: ' + reason}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    print(_checks.report(device))
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dinofast import extract
-
-    parser = argparse.ArgumentParser(prog="dinofast", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command")
-    extract.add_arguments(sub.add_parser("extract", help="DINOv3 features for a folder of images (torchrun-ready)"))
-    args = parser.parse_args(argv)
-    if args.command is None:
-        return _report()
-    if args.command == "extract":
-        extract.run(args)
-        return 0
-    parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
-    return 2
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module, fn = SUBCOMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), fn)(argv[1:]) or 0
+    if argv and not argv[0].startswith("-"):
+        print(f"dinofast: unknown subcommand {argv[0]!r}; expected one of {sorted(SUBCOMMANDS)} "
+              "or none", file=sys.stderr)
+        return 2
+    return _self_check(argv)
 
 
 if __name__ == "__main__":

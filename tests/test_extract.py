@@ -259,12 +259,6 @@ def test_two_gloo_ranks_match_one_process(model_dir, image_dir, tmp_path):
         assert rec2[name]["status"] == "error"
 
 
-def test_no_subcommand_reports_backends():
-    r = run_cli(["-m", "dinofast"], timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "dinofast" in r.stdout and "reference" in r.stdout and "cpu" in r.stdout
-
-
 def test_extract_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as e:
         dinofast.__main__.main(["extract", "--help"])

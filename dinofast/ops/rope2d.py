@@ -2,7 +2,7 @@
 
 Backends (one implementation each, same semantics):
   reference  dinofast/reference/rope2d.py       triton  kernels/rope2d.py
-  cpp        csrc/rope2d.cpp                    cuda    csrc/rope2d.cu
+  cpp        csrc/rope2d_cpu.cpp                    cuda    csrc/rope2d_cuda.cu
 All of them receive 4-D [B, N, H, D] strided views (packed [T, H, D] as [1, T, H, D]) and write
 into preallocated outputs that may alias the inputs (that is how rope2d_ works in place).
 """
@@ -73,7 +73,7 @@ def _triton_impl(q, k, q_out, k_out, freqs, cu_seqlens, grids, hw, coord_transfo
 
 
 def _C_impl(q, k, q_out, k_out, freqs, cu_seqlens, grids, hw, coord_transform, P, inverse, max_seqlen):
-    # One schema, two kernels: torch's dispatcher picks csrc/rope2d.cpp or csrc/rope2d.cu by device.
+    # One schema, two kernels: torch's dispatcher picks csrc/rope2d_cpu.cpp or csrc/rope2d_cuda.cu by device.
     torch.ops.dinofast_C.rope2d(q, k, q_out, k_out, freqs, cu_seqlens, grids, hw[0], hw[1],
                                 coord_transform, P, inverse)
 

@@ -31,7 +31,7 @@ def patch_coords(Hp: int, Wp: int, coord_transform: Optional[torch.Tensor] = Non
     coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)
     coords = 2.0 * coords - 1.0
     if coord_transform is not None:  # (shift_y, shift_x, scale_y, scale_x)
-        t = coord_transform.to(dtype=dtype, device=device)
+        t = coord_transform.to(dtype=dtype, device=device).reshape(4)
         coords = (coords + t[:2]) * t[2:]
     return coords
 
@@ -100,9 +100,12 @@ def apply_rope2d(q, k, freqs: torch.Tensor, grids, *, num_prefix_tokens: int,
         out = x.clone()
         if cu_seqlens is None:
             Hp, Wp = (int(v) for v in grids)
-            for b in range(x.shape[0]):
-                ang = rope_angles(Hp, Wp, freqs, _transform_for(coord_transform, b))
-                out[b, :, P:] = rotate(x[b, :, P:], ang, inverse)
+            if coord_transform is None or coord_transform.numel() == 4:  # one angle table for the batch
+                out[:, :, P:] = rotate(x[:, :, P:], rope_angles(Hp, Wp, freqs, coord_transform), inverse)
+            else:
+                for b in range(x.shape[0]):
+                    ang = rope_angles(Hp, Wp, freqs, _transform_for(coord_transform, b))
+                    out[b, :, P:] = rotate(x[b, :, P:], ang, inverse)
         else:
             cu = cu_seqlens.tolist()
             for i, (Hp, Wp) in enumerate(grids.tolist()):
