@@ -9,6 +9,16 @@ TORCH_LIBRARY(dinofast_C, m) {
       "rope2d(Tensor q, Tensor k, Tensor(a!) q_out, Tensor(b!) k_out, Tensor inv_freq, "
       "Tensor? cu_seqlens, Tensor? grids, int hp, int wp, Tensor? coord_transform, "
       "int num_prefix_tokens, bool inverse) -> ()");
+  // Varlen attention over a packed [T, H, D] sequence (unit stride on D): writes out and the fp32
+  // log-sum-exp lse [H, T]; RoPE fused when inv_freq/grids are given (see csrc/varlen_attention.h).
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor cu_seqlens, "
+      "int max_seqlen, float softmax_scale, Tensor? inv_freq, Tensor? grids, Tensor? coord_transform, "
+      "int num_prefix_tokens) -> ()");
+  m.def(
+      "varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor cu_seqlens, int max_seqlen, float softmax_scale, "
+      "Tensor? inv_freq, Tensor? grids, Tensor? coord_transform, int num_prefix_tokens) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -6,8 +6,16 @@ from dinofast._backend import (  # noqa: F401
     backend,
 )
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_  # noqa: F401
+from dinofast.ops.varlen_attention import (  # noqa: F401
+    flash_attn_varlen_func,
+    varlen_attention,
+    varlen_attention_with_lse,
+)
 from dinofast.reference.rope2d import sample_coord_transform  # noqa: F401
 from dinofast import nn  # noqa: F401
+from dinofast.models import (  # noqa: F401
+    CheckpointError, ImageFeatures, encode_packed, load_dinov3, patch_dinov3, unpatch_dinov3,
+)
 from dinofast.data import Grid, ImageProcessor, Packed, TokenBudgetSampler, image_token_string, pack  # noqa: F401
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 SUBCOMMANDS = {
+    "convert": "dinofast.models.checkpoint:main",
     "extract": "dinofast.extract:main",
 }
 

@@ -116,3 +116,13 @@ def read_packed(
 
 def max_len(cu: Sequence[int]) -> int:
     return max(b - a for a, b in zip(cu[:-1], cu[1:]))
+
+
+def check_cu_seqlens(cu_seqlens, device: torch.device) -> int:
+    """cu_seqlens: int32 [n+1], n >= 1, on `device`; returns n (values: read_cu_seqlens)."""
+    check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32,))
+    if cu_seqlens.numel() < 2:
+        fail("cu_seqlens", "int32 [n+1] with n >= 1", f"shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        fail("cu_seqlens", f"device {device}", cu_seqlens.device)
+    return cu_seqlens.numel() - 1

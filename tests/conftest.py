@@ -32,10 +32,16 @@ TOL = {
     torch.float16: dict(atol=1e-5, rtol=2.0**-10),
     torch.bfloat16: dict(atol=1e-4, rtol=2.0**-7),
     torch.float64: dict(atol=1e-10, rtol=0.0),
+    # Attention on tensor cores (triton/cuda fp16/bf16) rounds the rotated Q/K tiles and the
+    # probabilities P to the input dtype before the dots, as flash-attention does: a few units in
+    # the last place of the dtype relative to |v| ~ 1, not one rounding of an fp32-exact result.
+    "attention:float16": dict(atol=4e-3, rtol=2.0**-10),
+    "attention:bfloat16": dict(atol=3e-2, rtol=2.0**-7),
 }
-# Whole-model fp32 comparisons (packed vs per-image forwards through every layer): TOL times this,
-# i.e. 1e-4 absolute, the bound the DINOv3 integration promises.
-MODEL_TOL_SCALE = 10.0
+
+# Whole models (issue 5): patched / packed DINOv3 against transformers in fp32, max abs difference
+# of outputs of order 1 after several layers (summation order differs: fused qkv GEMM, fused rope).
+MODEL_ATOL = 1e-4
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, scale: float = 1.0):

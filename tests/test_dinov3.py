@@ -1,0 +1,294 @@
+"""patch_dinov3 / unpatch_dinov3 / encode_packed against transformers' own DINOv3 ViT (random weights)."""
+import copy
+
+import pytest
+import torch
+
+import dinofast
+from dinofast.models.dinov3 import is_patched
+from tests.conftest import DEVICE, MODEL_ATOL
+from tests.dinov3_models import images, max_diff, random_model
+
+SIZES = [(224, 224), (512, 384), (768, 768)]  # the issue's parity sizes (H, W)
+MIX = [(64, 64), (96, 32), (32, 112), (16, 16), (48, 80), (16, 64)]  # square, tall, wide, one-patch
+
+
+def run(model, x, **kw):
+    with torch.no_grad():
+        return model(x, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# patching
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_patched_equals_transformers(gated, size):
+    model = random_model(gated=gated, registers=4)
+    x = images([size, size], seed=1)
+    x = torch.stack(x)
+    ref = run(model, x)
+    assert dinofast.patch_dinov3(model) is model and is_patched(model)
+    out = run(model, x)
+    assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= MODEL_ATOL
+    assert max_diff(out.pooler_output, ref.pooler_output) <= MODEL_ATOL
+    assert ref.last_hidden_state.abs().max() > 1.0  # outputs of order 1: the bound means something
+
+
+@pytest.mark.parametrize("registers", [0, 1, 4])
+def test_any_number_of_registers(registers):
+    model = random_model(registers=registers, layers=1)
+    x = torch.stack(images([(48, 80)] * 2, seed=2))
+    ref = run(model, x).last_hidden_state
+    out = run(dinofast.patch_dinov3(model), x).last_hidden_state
+    assert max_diff(out, ref) <= MODEL_ATOL
+
+
+def test_every_backend(backend_name):
+    """The model path through each rope2d backend (triton in the interpreter: small image)."""
+    model = random_model(layers=1, hidden=64)
+    x = torch.stack(images([(32, 48)] * 2, seed=3))
+    ref = run(model, x).last_hidden_state
+    dinofast.patch_dinov3(model)
+    assert max_diff(run(model, x).last_hidden_state, ref) <= MODEL_ATOL
+    feats = run_packed(model, images([(32, 48), (16, 32)], seed=4))
+    dinofast.unpatch_dinov3(model)
+    check_packed(model, images([(32, 48), (16, 32)], seed=4), feats)
+
+
+def test_unpatch_restores_transformers_exactly():
+    model = random_model()
+    x = torch.stack(images([(64, 48)] * 2))
+    ref = run(model, x).last_hidden_state
+    keys = {k: (v.shape, v.data_ptr()) for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    dinofast.patch_dinov3(model)
+    dinofast.patch_dinov3(model)  # idempotent
+    assert {k: (v.shape, v.data_ptr()) for k, v in model.state_dict().items()} == keys
+    assert any(type(m).__name__.startswith("Dinofast") for m in model.modules())
+    dinofast.unpatch_dinov3(model)
+    assert [type(m) for m in model.modules()] == classes and not is_patched(model)
+    assert torch.equal(run(model, x).last_hidden_state, ref)
+
+
+def test_stored_periods_are_used():
+    """A model whose rope inv_freq is not transformers' default (e.g. bf16-rounded periods loaded
+    from a checkpoint): patched and unpatched agree, and differ from the default periods."""
+    model = random_model()
+    rope = model.rope_embeddings
+    periods = (1 / rope.inv_freq).to(torch.bfloat16).float() * 1.3
+    x = torch.stack(images([(64, 96)] * 2))
+    default = run(model, x).last_hidden_state
+    rope.inv_freq = 1 / periods
+    ref = run(model, x).last_hidden_state
+    assert max_diff(ref, default) > 100 * MODEL_ATOL
+    assert max_diff(run(dinofast.patch_dinov3(model), x).last_hidden_state, ref) <= MODEL_ATOL
+
+
+def test_train_mode_reproduces_coordinate_augmentation():
+    model = random_model(pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=2.0).train()
+    x = torch.stack(images([(64, 96)] * 2))
+    torch.manual_seed(7)
+    ref = run(model, x).last_hidden_state
+    eval_out = run(model.eval(), x).last_hidden_state
+    assert max_diff(ref, eval_out) > 100 * MODEL_ATOL  # the augmentation really changes the output
+    dinofast.patch_dinov3(model).train()
+    torch.manual_seed(7)
+    assert max_diff(run(model, x).last_hidden_state, ref) <= MODEL_ATOL
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradients_equal_transformers():
+    model = random_model(gated=True, pos_embed_shift=0.05).train()
+    x = torch.stack(images([(48, 64)] * 2)).requires_grad_()
+    w = torch.randn(2, 4 + 1 + 12, 128, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+
+    def step(seed):
+        model.zero_grad()
+        x.grad = None
+        torch.manual_seed(seed)
+        (model(x).last_hidden_state * w).sum().backward()
+        return _grads(model), x.grad.clone()
+
+    ref, ref_x = step(3)
+    dinofast.patch_dinov3(model)
+    got, got_x = step(3)
+    assert ref.keys() == got.keys() and len(ref) == len(list(model.parameters())) - 1  # all but mask_token
+    for name in ref:
+        scale = ref[name].abs().max().item()
+        assert max_diff(got[name], ref[name]) <= MODEL_ATOL * max(1.0, scale), name
+    assert max_diff(got_x, ref_x) <= MODEL_ATOL * max(1.0, ref_x.abs().max().item())
+
+
+def test_backbone_feature_maps():
+    model = random_model(backbone=True, out_indices=[1, 2], layers=2)
+    x = torch.stack(images([(64, 96)] * 2))
+    ref = run(model, x)
+    out = run(dinofast.patch_dinov3(model), x)
+    assert len(out.feature_maps) == 2
+    for a, b in zip(out.feature_maps, ref.feature_maps):
+        assert a.shape == (2, 128, 4, 6) and max_diff(a, b) <= MODEL_ATOL
+
+
+def test_state_dict_round_trip_between_patched_and_plain():
+    plain = random_model(seed=1)
+    patched = dinofast.patch_dinov3(random_model(seed=2))
+    patched.load_state_dict(plain.state_dict())
+    x = torch.stack(images([(32, 32)] * 2))
+    assert max_diff(run(patched, x).last_hidden_state, run(plain, x).last_hidden_state) <= MODEL_ATOL
+
+
+def test_deepcopy_of_patched_model_stays_patched():
+    model = dinofast.patch_dinov3(random_model(layers=1))
+    clone = copy.deepcopy(model)
+    assert is_patched(clone)
+    x = torch.stack(images([(32, 32)] * 2))
+    assert torch.equal(run(clone, x).last_hidden_state, run(model, x).last_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# encode_packed
+# ---------------------------------------------------------------------------------------------
+def run_packed(model, imgs, layers=None):
+    with torch.no_grad():
+        return dinofast.encode_packed(model, imgs, output_layers=layers)
+
+
+def check_packed(model, imgs, feats, layers=(), registers=4):
+    """Every image's features against transformers run on that image alone."""
+    assert len(feats) == len(imgs)
+    P = 1 + registers
+    for img, f in zip(imgs, feats):
+        out = run(model, img[None], output_hidden_states=True)
+        hp, wp = img.shape[1] // 16, img.shape[2] // 16
+        seq = out.last_hidden_state[0]
+        assert f.cls.shape == (seq.shape[-1],) and f.registers.shape == (registers, seq.shape[-1])
+        assert f.patches.shape == (hp, wp, seq.shape[-1])
+        assert max_diff(f.cls, seq[0]) <= MODEL_ATOL
+        assert max_diff(f.registers, seq[1:P]) <= MODEL_ATOL
+        assert max_diff(f.patches, seq[P:].reshape(hp, wp, -1)) <= MODEL_ATOL
+        assert sorted(f.layers) == sorted(layers)
+        for i in layers:
+            h = out.hidden_states[i % (len(out.hidden_states) - 1) + 1][0]  # [0] is the embedding output
+            g = f.layers[i]
+            assert max_diff(g.cls, h[0]) <= MODEL_ATOL and max_diff(g.registers, h[1:P]) <= MODEL_ATOL
+            assert max_diff(g.patches, h[P:].reshape(hp, wp, -1)) <= MODEL_ATOL
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("patched", [False, True], ids=["plain", "patched"])
+def test_encode_packed_equals_per_image(gated, registers, patched):
+    model = random_model(gated=gated, registers=registers, layers=3)
+    if patched:
+        dinofast.patch_dinov3(model)
+    imgs = images(MIX, seed=5)
+    feats = run_packed(model, imgs, layers=[0, -1, 1])
+    dinofast.unpatch_dinov3(model)
+    check_packed(model, imgs, feats, layers=[0, -1, 1], registers=registers)
+
+
+def test_encode_packed_single_and_large_images():
+    model = random_model(layers=1)
+    check_packed(model, images([(16, 16)]), run_packed(model, images([(16, 16)])))
+    imgs = images([(512, 384), (224, 224), (16, 16)], seed=6)
+    check_packed(model, imgs, run_packed(model, imgs))
+
+
+def test_encode_packed_train_mode_draws_like_a_loop():
+    model = random_model(pos_embed_shift=0.1, pos_embed_jitter=1.1, pos_embed_rescale=2.0).train()
+    imgs = images(MIX[:4], seed=7)
+    torch.manual_seed(11)
+    feats = run_packed(model, imgs)
+    torch.manual_seed(11)
+    for img, f in zip(imgs, feats):  # the loop draws the augmentation image after image
+        ref = run(model, img[None]).last_hidden_state[0]
+        assert max_diff(f.cls, ref[0]) <= MODEL_ATOL
+        assert max_diff(f.patches.flatten(0, 1), ref[5:]) <= MODEL_ATOL
+
+
+def test_encode_packed_gradients():
+    model = random_model(gated=True)
+    imgs = [t.requires_grad_() for t in images(MIX[:4], seed=8)]
+    feats = dinofast.encode_packed(model, imgs, output_layers=[0])
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(f.patches.shape, generator=g).to(DEVICE) for f in feats]
+    loss = sum((f.patches * w).sum() + f.cls.sum() + f.layers[0].registers.sum() for f, w in zip(feats, ws))
+    loss.backward()
+    got, got_x = _grads(model), [t.grad.clone() for t in imgs]
+    model.zero_grad()
+    for t in imgs:
+        t.grad = None
+    loss = 0
+    for t, w in zip(imgs, ws):
+        out = model(t[None], output_hidden_states=True)
+        seq = out.last_hidden_state[0]
+        loss = loss + (seq[5:].reshape(w.shape) * w).sum() + seq[0].sum() + out.hidden_states[1][0, 1:5].sum()
+    loss.backward()
+    ref, ref_x = _grads(model), [t.grad for t in imgs]
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert max_diff(got[name], ref[name]) <= MODEL_ATOL * max(1.0, ref[name].abs().max().item()), name
+    for a, b in zip(got_x, ref_x):
+        assert max_diff(a, b) <= MODEL_ATOL * max(1.0, b.abs().max().item())
+
+
+def test_encode_packed_casts_pixels_like_transformers():
+    model = random_model(layers=1)
+    imgs = images([(32, 48), (16, 16)], dtype=torch.float64)
+    check_packed(model, imgs, run_packed(model, imgs))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def test_not_a_dinov3_model():
+    for fn in (dinofast.patch_dinov3, dinofast.unpatch_dinov3):
+        with pytest.raises(ValueError, match="model: expected a transformers DINOv3ViTModel.*got Linear"):
+            fn(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="model: expected a transformers DINOv3ViTModel"):
+        dinofast.encode_packed(torch.nn.Linear(2, 2), images([(16, 16)]))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("empty", r"images: expected a non-empty list"),
+    ("not_list", r"images: expected a list of \[3, H, W\] tensors, got Tensor"),
+    ("side", r"images\[1\]: expected H and W positive multiples of the patch size 16x16, got size 40x32"),
+    ("channels", r"images\[0\]: expected \[3, H, W\]"),
+    ("ndim", r"images\[0\]: expected a 3-D tensor"),
+    ("dtype", r"images\[1\]: expected dtype torch.float32 \(as images\[0\]\), got torch.float16"),
+    ("device", r"images\[1\]: expected device cpu \(as images\[0\]\), got meta"),
+    ("int", r"images\[0\]: expected dtype in"),
+    ("layers", r"output_layers: expected ints in \[-2, 1\]"),
+])
+def test_encode_packed_bad_input(case, match):
+    if DEVICE.type != "cpu" and case == "device":
+        pytest.skip("written for CPU images")
+    model = random_model()
+    good = images([(32, 32)])[0]
+    bad = {
+        "empty": [], "not_list": good, "side": [good, torch.randn(3, 40, 32)],
+        "channels": [torch.randn(1, 32, 32)], "ndim": [good[None]], "dtype": [good, good.half()],
+        "device": [good, torch.empty(3, 32, 32, device="meta")], "int": [good.to(torch.uint8)],
+    }
+    with pytest.raises(ValueError, match=match):
+        if case == "layers":
+            dinofast.encode_packed(model, [good], output_layers=[2])
+        else:
+            dinofast.encode_packed(model, bad[case])
+
+
+def test_encode_packed_refuses_packed_dropout_in_train_mode():
+    model = random_model(drop_path_rate=0.1).train()
+    with pytest.raises(ValueError, match="drop_path_rate=0.1"):
+        dinofast.encode_packed(model, images([(32, 32)]))
+
+
+def test_patched_attention_alone_needs_the_plan():
+    model = dinofast.patch_dinov3(random_model(layers=1))
+    attn = model.model.layer[0].attention
+    with pytest.raises(ValueError, match="position_embeddings: expected the plan"):
+        attn(torch.randn(1, 5, 128), position_embeddings=(torch.ones(1), torch.ones(1)))

@@ -1,0 +1,427 @@
+"""varlen_attention: every backend against the reference and against dense masked SDPA; fused RoPE
+against rope2d + attention; gradients; torch.compile; bad input; Triton AOT compile for real GPUs."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import dinofast
+from dinofast import _backend
+from dinofast.reference.rope2d import rope2d_reference
+from dinofast.reference.varlen_attention import dense_masked_attention, varlen_attention_reference
+from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn
+
+# Segment lengths: 1-token segments, lengths off every block size (16 interpreted, 64/128 on GPU,
+# 128/256/512 in C++), an empty segment, a single segment, 100 tiny segments.
+LENGTHS = {
+    "mixed": [1, 17, 5, 40, 3],
+    "empty-segment": [3, 0, 9],
+    "single": [37],
+    "long": [130, 1, 300],
+    "100-tiny": [1 + (7 * i) % 4 for i in range(100)],
+}
+
+
+def packed_qkv(lengths, H, D, dtype=torch.float32, seed=0, requires_grad=False):
+    T = sum(lengths)
+    q, k, v = (randn(T, H, D, dtype=dtype, seed=seed + i) for i in range(3))
+    if requires_grad:
+        for x in (q, k, v):
+            x.requires_grad_(True)
+    return q, k, v, make_cu_seqlens(lengths)
+
+
+def rope_case(grids, P, H, D, dtype=torch.float32, seed=0, requires_grad=False, **spec_kw):
+    lengths = [P + h * w for h, w in grids]
+    q, k, v, cu = packed_qkv(lengths, H, D, dtype, seed, requires_grad)
+    g = torch.tensor(grids, dtype=torch.int32, device=DEVICE)
+    return q, k, v, cu, dinofast.RopeSpec(g, P, **spec_kw), max(lengths)
+
+
+def low_precision_tol(dtype):
+    """Tensor-core backends round P and the rotated tiles to the input dtype (see TOL)."""
+    if dtype == torch.float32 or _backend.forced_backend() in ("reference", "cpp"):
+        return dtype
+    return f"attention:{str(dtype).replace('torch.', '')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# forward parity
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(LENGTHS))
+@pytest.mark.parametrize("D", [64, 80])
+def test_forward_matches_reference(backend_name, case, D):
+    lengths = LENGTHS[case]
+    q, k, v, cu = packed_qkv(lengths, 2, D)
+    out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, max(lengths))
+    ref, ref_lse = varlen_attention_reference(q, k, v, cu)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (2, q.shape[0]) and lse.dtype == torch.float32
+    assert_close(out, ref)
+    assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_matches_dense_masked_sdpa(backend_name, D):
+    lengths = [9, 1, 23, 16]
+    q, k, v, cu = packed_qkv(lengths, 3, D, seed=4)
+    out = dinofast.varlen_attention(q, k, v, cu, 23, softmax_scale=0.3)
+    dense = dense_masked_attention(q.double(), k.double(), v.double(), cu, softmax_scale=0.3)
+    assert_close(out, dense)
+
+
+def test_max_seqlen_larger_than_needed(backend_name):
+    q, k, v, cu = packed_qkv(LENGTHS["mixed"], 2, 64, seed=2)
+    out = dinofast.varlen_attention(q, k, v, cu, 500)
+    assert_close(out, varlen_attention_reference(q, k, v, cu)[0])
+
+
+def test_strided_views_of_packed_qkv(backend_name):
+    """q, k, v sliced from one [T, 3, H, D] projection, as a fused qkv Linear produces them."""
+    lengths = [7, 20]
+    qkv = randn(sum(lengths), 3, 2, 64, seed=9)
+    q, k, v = qkv.unbind(1)
+    cu = make_cu_seqlens(lengths)
+    out = dinofast.varlen_attention(q, k, v, cu, 20)
+    assert_close(out, varlen_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), cu)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rope", [False, True])
+def test_low_precision_against_fp64(backend_name, dtype, rope):
+    if rope:
+        q, k, v, cu, spec, max_len = rope_case([(3, 5), (1, 1), (6, 4)], 5, 2, 64, dtype=dtype)
+    else:
+        q, k, v, cu = packed_qkv([20, 1, 33], 2, 64, dtype=dtype)
+        spec, max_len = None, 33
+    out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
+    ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu, rope=spec)
+    assert out.dtype == dtype
+    assert_close(out, ref, low_precision_tol(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# fused RoPE
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("P", [0, 5])
+def test_fused_rope_equals_rope2d_then_attention(backend_name, D, P):
+    q, k, v, cu, spec, max_len = rope_case([(3, 5), (1, 1), (4, 7), (2, 1)], P, 2, D)
+    out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
+    rq, rk = rope2d_reference(q, k, spec.grids, num_prefix_tokens=P, cu_seqlens=cu)
+    want, _ = varlen_attention_reference(rq, rk, v, cu)
+    assert_close(out, want)
+    plain = dinofast.varlen_attention(q, k, v, cu, max_len)
+    assert (plain - want).abs().max() > 1e-3, "the rotation must change the result"
+
+
+def test_fused_rope_periods_and_coord_transform(backend_name):
+    D = 64
+    periods = (100.0 ** (torch.arange(D // 4, dtype=torch.float32) * 4 / D)).bfloat16().float().to(DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    t = dinofast.sample_coord_transform(3, shift=0.2, jitter=1.3, rescale=2.0, generator=gen).to(DEVICE)
+    q, k, v, cu, spec, max_len = rope_case([(3, 5), (4, 2), (1, 1)], 5, 2, D, periods=periods, coord_transform=t)
+    out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
+    rq, rk = rope2d_reference(q, k, spec.grids, num_prefix_tokens=5, cu_seqlens=cu, periods=periods,
+                              coord_transform=t)
+    assert_close(out, varlen_attention_reference(rq, rk, v, cu)[0])
+
+
+def test_rope_grids_as_list(backend_name):
+    q, k, v, cu, spec, max_len = rope_case([(2, 3), (1, 4)], 1, 2, 64)
+    out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=dinofast.RopeSpec([(2, 3), (1, 4)], 1))
+    assert_close(out, dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec))
+
+
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=5).filter(lambda ls: sum(ls) > 0),
+    H=st.integers(1, 3), D=st.sampled_from([8, 16, 24, 64, 80, 128]), extra=st.integers(0, 20),
+    scale=st.sampled_from([None, 0.05, 1.0]),
+)
+def test_hypothesis_shapes(backend_name, lengths, H, D, extra, scale):
+    q, k, v, cu = packed_qkv(lengths, H, D, seed=sum(lengths) + D)
+    out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, max(lengths) + extra, softmax_scale=scale)
+    ref, ref_lse = varlen_attention_reference(q, k, v, cu, softmax_scale=scale)
+    assert_close(out, ref)
+    assert_close(lse, ref_lse)
+
+
+@given(grids=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
+       P=st.integers(0, 5), D=st.sampled_from([16, 64, 80]))
+def test_hypothesis_rope(backend_name, grids, P, D):
+    q, k, v, cu, spec, max_len = rope_case(grids, P, 2, D, seed=P + D)
+    out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
+    rq, rk = rope2d_reference(q, k, spec.grids, num_prefix_tokens=P, cu_seqlens=cu)
+    assert_close(out, varlen_attention_reference(rq, rk, v, cu)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+def _grads(fn, inputs, grad_out):
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*xs)
+    return torch.autograd.grad(out, xs, grad_out)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("D", [64, 80])
+def test_gradients_equal_autograd_of_reference(backend_name, rope, D):
+    if rope:
+        gen = torch.Generator().manual_seed(5)
+        t = dinofast.sample_coord_transform(4, shift=0.1, jitter=1.2, rescale=2.0, generator=gen).to(DEVICE)
+        q, k, v, cu, spec, max_len = rope_case([(3, 5), (1, 1), (4, 5), (2, 2)], 5, 2, D, coord_transform=t)
+    else:
+        q, k, v, cu = packed_qkv([1, 17, 40, 3], 2, D)
+        spec, max_len = None, 40
+    grad_out = randn(*q.shape, seed=11)
+    got = _grads(lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, max_len, rope=spec), (q, k, v), grad_out)
+    want = _grads(lambda a, b, c: varlen_attention_reference(a, b, c, cu, rope=spec)[0], (q, k, v), grad_out)
+    for g, w in zip(got, want):
+        assert_close(g, w, scale=2.0)  # scale: gradients sum L terms; still 2e-5 absolute
+
+
+def test_gradients_against_dense_masked_sdpa_fp64(backend_name):
+    """An oracle independent of the reference: autograd through one dense masked SDPA in fp64."""
+    q, k, v, cu = packed_qkv([5, 1, 21], 2, 64, seed=3)
+    grad_out = randn(*q.shape, seed=12)
+    got = _grads(lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, 21), (q, k, v), grad_out)
+    want = _grads(lambda a, b, c: dense_masked_attention(a, b, c, cu), (q.double(), k.double(), v.double()),
+                  grad_out.double())
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients(backend_name, dtype):
+    q, k, v, cu, spec, max_len = rope_case([(3, 4), (1, 1), (5, 3)], 5, 2, 64, dtype=dtype)
+    grad_out = randn(*q.shape, dtype=dtype, seed=13)
+    got = _grads(lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, max_len, rope=spec), (q, k, v), grad_out)
+    want = _grads(lambda a, b, c: varlen_attention_reference(a, b, c, cu, rope=spec)[0],
+                  (q.double(), k.double(), v.double()), grad_out.double())
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert_close(g, w, low_precision_tol(dtype), scale=2.0)
+
+
+def test_gradcheck_reference_fp64():
+    """The oracle itself: its autograd against finite differences."""
+    q, k, v, cu = packed_qkv([3, 1, 4], 2, 8, dtype=torch.float64, requires_grad=True)
+    spec = dinofast.RopeSpec(torch.tensor([[1, 2], [1, 0 + 1], [1, 3]], dtype=torch.int32, device=DEVICE), 1)
+    assert torch.autograd.gradcheck(lambda a, b, c: varlen_attention_reference(a, b, c, cu, rope=spec)[0],
+                                    (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn drop-in
+# ---------------------------------------------------------------------------------------------
+def test_flash_attn_varlen_func(backend_name):
+    q, k, v, cu = packed_qkv([4, 19, 1], 2, 64)
+    out = dinofast.flash_attn_varlen_func(q, k, v, cu, cu.clone(), 19, 19, softmax_scale=0.2)
+    assert_close(out, varlen_attention_reference(q, k, v, cu, softmax_scale=0.2)[0])
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    (dict(dropout_p=0.1), "dropout"),
+    (dict(causal=True), "causal"),
+    (dict(window_size=(8, 8)), "window_size"),
+    (dict(return_attn_probs=True), "return_attn_probs"),
+])
+def test_flash_attn_varlen_func_refuses(kwargs, what):
+    q, k, v, cu = packed_qkv([4, 5], 2, 64)
+    with pytest.raises(NotImplementedError, match=what):
+        dinofast.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, **kwargs)
+
+
+def test_flash_attn_varlen_func_refuses_cross_attention():
+    q, k, v, cu = packed_qkv([4, 5], 2, 64)
+    cu_k = make_cu_seqlens([5, 4])
+    with pytest.raises(NotImplementedError, match="different q and k lengths"):
+        dinofast.flash_attn_varlen_func(q, k, v, cu, cu_k, 5, 5)
+    with pytest.raises(NotImplementedError, match="different q and k lengths"):
+        dinofast.flash_attn_varlen_func(q, k[:8], v[:8], cu, make_cu_seqlens([4, 4]), 5, 4)
+    with pytest.raises(NotImplementedError, match="MQA/GQA"):
+        dinofast.flash_attn_varlen_func(q, k[:, :1], v[:, :1], cu, cu, 5, 5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="flash-attn runs on CUDA only")
+def test_matches_flash_attn_where_installed():
+    flash_attn = pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    q, k, v, cu = packed_qkv([100, 1, 257], 4, 64, dtype=torch.float16)
+    want = flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, 257, 257)
+    got = dinofast.varlen_attention(q, k, v, cu, 257)
+    ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu)
+    assert_close(want, ref, "attention:float16")
+    assert_close(got, ref, "attention:float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("rope", [False, True])
+def test_torch_compile_fullgraph(backend, rope):
+    if _backend.why_unavailable(backend, "cpu"):
+        pytest.skip(reason=f"{backend}: {_backend.why_unavailable(backend, 'cpu')}")
+    grids = torch.tensor([[3, 4], [1, 2]], dtype=torch.int32)
+    spec = dinofast.RopeSpec(grids, 5) if rope else None
+    cu = make_cu_seqlens([17, 7], device="cpu")
+    q0, k0, v0 = (randn(24, 2, 64, device="cpu", seed=s) for s in (1, 2, 3))
+
+    def f(q, k, v):
+        return (dinofast.varlen_attention(q * 2, k, v, cu, 17, rope=spec) ** 2).sum()
+
+    with dinofast.backend(backend):
+        eager_in = [x.clone().requires_grad_() for x in (q0, k0, v0)]
+        eager = f(*eager_in)
+        eager.backward()
+        comp_in = [x.clone().requires_grad_() for x in (q0, k0, v0)]
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*comp_in)
+        compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(comp_in, eager_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: ValueError naming the argument, in Python; TORCH_CHECK in C++
+# ---------------------------------------------------------------------------------------------
+def _bad_cases():
+    q, k, v, cu = packed_qkv([4, 6], 2, 64)
+    g = torch.tensor([[1, 1], [1, 3]], dtype=torch.int32, device=DEVICE)
+    bad_sum = cu.clone()
+    bad_sum[-1] += 1
+    decreasing = make_cu_seqlens([4, 6])
+    decreasing[1] = 8
+    decreasing[2] = 10
+    decreasing = torch.tensor([0, 8, 7, 10], dtype=torch.int32, device=DEVICE)
+    va = dinofast.varlen_attention
+    return [
+        ("q", lambda: va(q[0], k[0], v[0], cu, 6)),
+        ("q", lambda: va(q.double(), k.double(), v.double(), cu, 6)),
+        ("k", lambda: va(q, k.half(), v, cu, 6)),
+        ("v", lambda: va(q, k, v[:5], cu, 6)),
+        ("k", lambda: va(q, k[:, :1], v, cu, 6)),
+        ("head dim", lambda: va(q[..., :60], k[..., :60], v[..., :60], cu, 6)),
+        ("head dim", lambda: va(*(torch.randn(10, 1, 264, device=DEVICE) for _ in range(3)), cu, 6)),
+        ("cu_seqlens", lambda: va(q, k, v, cu.long(), 6)),
+        ("cu_seqlens", lambda: va(q, k, v, cu[:1], 6)),
+        ("cu_seqlens", lambda: va(q, k, v, cu + 1, 6)),
+        ("cu_seqlens", lambda: va(q, k, v, bad_sum, 6)),
+        ("cu_seqlens", lambda: va(q, k, v, decreasing, 6)),
+        ("max_seqlen", lambda: va(q, k, v, cu, 5)),
+        ("max_seqlen", lambda: va(q, k, v, cu, -1)),
+        ("softmax_scale", lambda: va(q, k, v, cu, 6, softmax_scale=float("nan"))),
+        ("softmax_scale", lambda: va(q, k, v, cu, 6, softmax_scale=0.0)),
+        ("rope", lambda: va(q, k, v, cu, 6, rope=(g, 1))),
+        ("grids", lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g[:1], 1))),
+        ("cu_seqlens", lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g, 2))),
+        ("rope.periods", lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g, 1, periods=torch.ones(8)))),
+        ("rope.coord_transform",
+         lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g, 1, coord_transform=torch.ones(3, 4)))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_raises_value_error(backend_name, case):
+    arg, call = _bad_cases()[case]
+    with pytest.raises(ValueError, match=arg):
+        call()
+
+
+def test_max_seqlen_error_names_the_numbers():
+    q, k, v, cu = packed_qkv([4, 6], 2, 64)
+    with pytest.raises(ValueError, match=r"max_seqlen: expected >= the longest segment \(6 tokens\), got 5"):
+        dinofast.varlen_attention(q, k, v, cu, 5)
+
+
+def test_cpp_checks_its_inputs():
+    if _backend.load_C() is None:
+        pytest.skip(reason="dinofast._C is not built")
+    op = torch.ops.dinofast_C.varlen_attention_fwd
+    q = torch.randn(10, 2, 64)
+    lse = torch.empty(2, 10)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="head dim"):
+        x = torch.randn(10, 2, 60)
+        op(x, x, x, x.clone(), lse, cu, 6, 0.1, None, None, None, 0)
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        op(q, q, q, q.clone(), lse, torch.tensor([0, 4, 11], dtype=torch.int32), 7, 0.1, None, None, None, 0)
+    with pytest.raises(RuntimeError, match="max_seqlen"):
+        op(q, q, q, q.clone(), lse, cu, 5, 0.1, None, None, None, 0)
+    with pytest.raises(RuntimeError, match="lse"):
+        op(q, q, q, q.clone(), torch.empty(10, 2), cu, 6, 0.1, None, None, None, 0)
+    with pytest.raises(RuntimeError, match="grids"):
+        op(q, q, q, q.clone(), lse, cu, 6, 0.1, torch.ones(16), torch.tensor([[1, 0], [1, 5]], dtype=torch.int32),
+           None, 1)
+    with pytest.raises(RuntimeError, match="k"):
+        op(q, q[:9], q, q.clone(), lse, cu, 6, 0.1, None, None, None, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton for real GPUs: AOT compile for sm_80 / sm_90 (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+AOT_KERNELS = ["varlen_fwd_kernel", "varlen_bwd_dkdv_kernel", "varlen_bwd_dq_kernel"]
+AOT_VARIANTS = [(kn, cap, D, dt) for kn in AOT_KERNELS for cap in (80, 90) for D in (64, 128)
+                for dt in ("float16", "bfloat16")]
+
+# Runs in a subprocess: kernels decorated under TRITON_INTERPRET=1 (set by conftest) cannot be
+# compiled for a GPU, so the compile happens in a fresh interpreter without it.
+_AOT_SCRIPT = r"""
+import json, sys, tempfile
+from dinofast.kernels import varlen_attention as K
+from tests.aot import TRITON_DTYPE, compile_kernel
+
+results = {}
+for kernel_name, capability, D, dtype in json.loads(sys.argv[1]):
+    kernel = getattr(K, kernel_name)
+    t = TRITON_DTYPE[dtype]
+    f32 = {"lse_ptr", "delta_ptr", "inv_freq_ptr", "coord_transform_ptr"}
+    i32 = {"cu_seqlens_ptr", "grids_ptr"}
+    pointers = {a: ("*fp32" if a in f32 else "*i32" if a in i32 else "*" + t)
+                for a in kernel.arg_names if a.endswith("_ptr")}
+    pointers.update(qk_scale_log2="fp32", softmax_scale="fp32")
+    fwd = kernel_name == "varlen_fwd_kernel"
+    block_m, block_n, num_warps, num_stages = (K.forward_config if fwd else K.backward_config)(D)
+    constexprs = dict(ROPE=True, HAS_TRANSFORM=True, HEAD_DIM=D, HALF_PAD=K.half_pad(D), BLOCK_M=block_m,
+                      BLOCK_N=block_n, LOW_PRECISION=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        c = compile_kernel(kernel, pointers, constexprs, capability, tmp, num_warps=num_warps,
+                           num_stages=num_stages)
+    key = "%s/%d/%d/%s" % (kernel_name, capability, D, dtype)
+    results[key] = dict(summary=c.summary(), shared=c.shared, spill_stores=c.spill_stores,
+                        spill_loads=c.spill_loads, wgmma="wgmma" in c.ptx, mma_sync="mma.sync" in c.ptx)
+print("AOT-RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(AOT_VARIANTS)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT-RESULTS ")][-1]
+    return json.loads(line[len("AOT-RESULTS "):])
+
+
+@pytest.mark.parametrize("kernel_name, capability, D, dtype", AOT_VARIANTS,
+                         ids=[f"{k.split('_', 1)[1]}-sm{c}-D{d}-{t}" for k, c, d, t in AOT_VARIANTS])
+def test_aot_compile(aot_results, kernel_name, capability, D, dtype):
+    from tests.aot import SHARED_MEMORY_LIMIT
+
+    r = aot_results[f"{kernel_name}/{capability}/{D}/{dtype}"]
+    assert r["shared"] <= SHARED_MEMORY_LIMIT[capability], r["summary"]
+    if kernel_name == "varlen_fwd_kernel":
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r["summary"]
+        if capability == 90:
+            assert r["wgmma"], "the sm_90 forward must use wgmma tensor-core instructions: " + r["summary"]
+        else:
+            assert r["mma_sync"], r["summary"]
