@@ -80,6 +80,7 @@ class Dist:
             backend = "nccl" if device.type == "cuda" else "gloo"
             kwargs = dict(backend=backend, timeout=datetime.timedelta(hours=6))
             if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL object collectives use the current device
                 kwargs["device_id"] = device
             torch.distributed.init_process_group(**kwargs)
             self.owns_group = True
@@ -387,7 +388,9 @@ def _run(args, device, dist: Dist) -> Summary:
         from tqdm import tqdm
 
         desc = "extract" if dist.world_size == 1 else f"extract rank {dist.rank}"
-        bar = tqdm(total=len(mine), unit=" images", desc=desc, position=dist.rank, dynamic_ncols=True, file=sys.stderr)
+        # rate_noinv: always "N images/s", never tqdm's "s/image" for slow rates
+        bar = tqdm(total=len(mine), unit=" images", desc=desc, position=dist.rank, dynamic_ncols=True, file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
 
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(max(1, args.workers)) as pool:
