@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -379,33 +380,49 @@ def _run(args, device, dist: Dist) -> Summary:
         todo = [p for p in list_images(args.images) if p[0] not in records]
         skipped = len(records)
     todo = dist.broadcast(todo)
-    mine = todo[dist.rank :: dist.world_size]
-
     summary = Summary(rank=dist.rank)
     writer = ShardWriter(out_dir, dist.rank, int(args.shard_mb * 2**20))
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        desc = "extract" if dist.world_size == 1 else f"extract rank {dist.rank}"
-        # rate_noinv: always "N images/s", never tqdm's "s/image" for slow rates
-        bar = tqdm(total=len(mine), unit=" images", desc=desc, position=dist.rank, dynamic_ncols=True, file=sys.stderr,
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
-
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(max(1, args.workers)) as pool:
-        items: List[Item] = []
-        for path, file, size, err in pool.map(_header, mine):
+        # Each rank reads the headers of a strided share (no pixels decoded); the sizes are then
+        # shared so that every rank plans the same token-budget batches and takes every
+        # world_size-th one: ranks get batch counts within one of each other, each batch holds
+        # images of similar size, and every image goes to exactly one rank.
+        readable = []
+        for path, file, size, err in pool.map(_header, todo[dist.rank :: dist.world_size]):
             if err is not None:
                 writer.record_error(_error_record(path, None, err))
                 summary.errors += 1
                 summary.error_paths.append(path)
-                if bar:
-                    bar.update(1)
-                continue
-            items.append(Item(path, file, size, processor.grid_for_size(*size)))
+            else:
+                readable.append((path, file, size))
+        items = [Item(path, file, tuple(size), processor.grid_for_size(*size))
+                 for share in dist.gather(readable) for path, file, size in share]
         counts = [num_prefix + it.grid.num_patches for it in items]
-        batches = list(TokenBudgetSampler(counts, args.max_tokens_per_batch, shuffle=False)) if items else []
+        batches = []
+        if items:
+            budget = args.max_tokens_per_batch
+            if dist.world_size > 1:
+                # a small list must still make batches for every rank: at least ~8 per rank, so that
+                # dealing whole batches leaves the ranks within about one small batch of each other
+                budget = min(budget, max(1, -(-sum(counts) // (8 * dist.world_size))))
+            with warnings.catch_warnings():  # the sampler's oversize warning would name the cap
+                warnings.simplefilter("ignore", RuntimeWarning)
+                batches = list(TokenBudgetSampler(counts, budget, shuffle=False,
+                                                  rank=dist.rank, world_size=dist.world_size))
+            oversize = sum(c > args.max_tokens_per_batch for c in counts)
+            if oversize and dist.rank == 0:
+                warnings.warn(f"dinofast extract: {oversize} image(s) exceed --max-tokens-per-batch="
+                              f"{args.max_tokens_per_batch} on their own; each is encoded alone", RuntimeWarning)
+        bar = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            desc = "extract" if dist.world_size == 1 else f"extract rank {dist.rank}"
+            # rate_noinv: always "N images/s", never tqdm's "s/image" for slow rates
+            bar = tqdm(total=sum(map(len, batches)), unit=" images", desc=desc, position=dist.rank,
+                       dynamic_ncols=True, file=sys.stderr,
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
         for batch, decoded in _prefetch(pool, batches, items, processor):
             good, pixels = [], []
             for i, (px, grid, err) in zip(batch, decoded):
