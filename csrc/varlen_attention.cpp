@@ -1,7 +1,7 @@
 // Varlen attention on CPU: tiled online softmax (flash-attention style) in fp32.
 //
-// Forward: one task per (segment, head, block of kBlockQ queries). A task packs its query tile
-// (rotated by RoPE, times softmax_scale) into fp32, then walks the segment's keys kBlockK at a time:
+// Forward: one task per (segment, head, up to 16 blocks of kBlockQ queries). A task packs its query
+// tiles (rotated by RoPE, times softmax_scale) into fp32, then walks the segment's keys kBlockK at a time:
 // S = Q K^T and O += P V are BLAS gemms on cache-resident tiles (at::mm_out on blob views: MKL on x86),
 // the row max / exp / sum between them is a vectorised loop. K/V tiles are rotated and converted
 // to fp32 as they are packed; fp32 K/V without RoPE are read in place.
@@ -23,8 +23,9 @@ namespace dinofast {
 namespace varlen {
 namespace {
 
-constexpr int64_t kBlockQ = 128;   // forward query tile
+constexpr int64_t kBlockQ = 256;   // forward query tile
 constexpr int64_t kBlockK = 512;   // forward key tile
+constexpr int64_t kMaxBlocksPerTask = 16;
 constexpr int64_t kBlockBwd = 256; // backward query and key tiles
 
 // ------------------------------------------------------------------------------------------------
@@ -54,14 +55,19 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 // Vectorisable exp (Cephes polynomial, about 1 ulp) and the per-row softmax steps. Compiled for
 // AVX-512 and AVX2 besides the baseline; the loader picks the best clone for the machine.
 // ------------------------------------------------------------------------------------------------
+// The clones are chosen by CPU features at load time. no-trapping-math lets GCC if-convert the
+// clamps below into vector selects on SSE/AVX2 (AVX-512 has masks and would not need it).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DF_MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define DF_FAST_MATH __attribute__((optimize("no-trapping-math")))
+#define DF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default"))) DF_FAST_MATH
 #else
+#define DF_FAST_MATH
 #define DF_MULTIVERSION
 #endif
 
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+DF_FAST_MATH inline float fast_exp(float x) {
+  x = x > -87.0f ? x : -87.0f;  // exp(-87) ~ 1.6e-38: below it the result is 0 for softmax purposes
+  x = x < 88.0f ? x : 88.0f;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -116,13 +122,11 @@ DF_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
 struct RopeTables {
   int64_t segment = -1, hp = 0, wp = 0, quarter = 0;
   std::vector<float> cy, sy, cx, sx;  // [hp, quarter], [wp, quarter]
-  std::vector<float> cs, sn;          // one token's [D/2], assembled from the tables
 
   void build(int64_t seg, int64_t h, int64_t w, int64_t P, const float* t, const float* freqs, int64_t D) {
     if (seg == segment) return;
     segment = seg; hp = h; wp = w; quarter = D / 4;
     cy.resize(hp * quarter); sy.resize(hp * quarter); cx.resize(wp * quarter); sx.resize(wp * quarter);
-    cs.resize(D / 2); sn.resize(D / 2);
     const int q = static_cast<int>(quarter);
     for (int64_t i = 0; i < hp; ++i)
       for (int d = 0; d < q; ++d) {
@@ -138,14 +142,21 @@ struct RopeTables {
       }
   }
 
-  // Rotate the fp32 row x [D] of the patch with index pos (>= 0) on the grid; sign -1: adjoint.
-  void rotate(float* x, int64_t pos, float sign) {
-    const int64_t i = pos / wp, j = pos % wp;
-    std::memcpy(cs.data(), &cy[i * quarter], quarter * sizeof(float));
-    std::memcpy(cs.data() + quarter, &cx[j * quarter], quarter * sizeof(float));
-    std::memcpy(sn.data(), &sy[i * quarter], quarter * sizeof(float));
-    std::memcpy(sn.data() + quarter, &sx[j * quarter], quarter * sizeof(float));
-    rotate_pairs<float>(x, cs.data(), sn.data(), static_cast<int>(2 * quarter), sign);
+  // Rotate the fp32 row x [D] of the patch with index pos (>= 0) in place; sign -1: the adjoint.
+  // Channels [0, D/4) (and their partners at + D/2) take the row's angles, [D/4, D/2) the column's.
+  void rotate(float* x, int64_t pos, float sign) const {
+    const int64_t i = pos / wp, j = pos % wp, half = 2 * quarter;
+    rotate_part(x, half, &cy[i * quarter], &sy[i * quarter], sign);
+    rotate_part(x + quarter, half, &cx[j * quarter], &sx[j * quarter], sign);
+  }
+
+ private:
+  void rotate_part(float* x, int64_t half, const float* c, const float* s, float sign) const {
+    for (int64_t d = 0; d < quarter; ++d) {
+      const float x1 = x[d], x2 = x[d + half], sn = sign * s[d];
+      x[d] = x1 * c[d] - x2 * sn;
+      x[d + half] = x2 * c[d] + x1 * sn;
+    }
   }
 };
 
@@ -155,24 +166,30 @@ struct RopeInput {
   const float* transform = nullptr;
 };
 
-// Copies rows [row0, row0 + n) of one head of x ([T, H, D] at head offset) into dst [n, D] fp32,
-// times `mult`, rotated when rope tables are given (row index relative to the segment start).
+// Copies rows [row0, row0 + n) of head h of x into dst [n, D] fp32, times `mult`. With rope tables,
+// patch rows are rotated first and rounded to scalar_t, exactly what rope2d would have stored: the
+// fused op equals rope2d followed by attention in every dtype.
 template <typename scalar_t>
 void pack_rows(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n, int64_t D, float* dst,
-               float mult, RopeTables* rope, int64_t seg_start, int64_t P, float sign = 1.f) {
+               float mult, const RopeTables* rope, int64_t seg_start, int64_t P) {
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* src = x + (row0 + r) * st.t + h * st.h;
     float* out = dst + r * D;
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(src[d]) * mult;
     const int64_t pos = row0 + r - seg_start - P;
-    if (rope != nullptr && pos >= 0) rope->rotate(out, pos, sign);
+    if (rope != nullptr && pos >= 0) {
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(src[d]);
+      rope->rotate(out, pos, 1.f);
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(static_cast<scalar_t>(out[d])) * mult;
+    } else {
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(src[d]) * mult;
+    }
   }
 }
 
 // Writes src [n, D] fp32 into rows of one head of y, rotated back by the adjoint when rope is given.
 template <typename scalar_t>
 void store_rows(scalar_t* y, Strides st, int64_t h, int64_t row0, int64_t n, int64_t D, float* src,
-                RopeTables* rope, int64_t seg_start, int64_t P) {
+                const RopeTables* rope, int64_t seg_start, int64_t P) {
   for (int64_t r = 0; r < n; ++r) {
     float* row = src + r * D;
     const int64_t pos = row0 + r - seg_start - P;
@@ -192,7 +209,8 @@ struct Task {
 // Runs work(task, thread_state) over tasks, largest first, dynamically shared among threads.
 template <typename State, typename F>
 void run_tasks(std::vector<Task>& tasks, F work) {
-  std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  // stable: equal-cost tasks stay in (segment, head, rows) order, so threads share K/V in cache
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
@@ -255,22 +273,31 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
   const bool kv_in_place = std::is_same<scalar_t, float>::value;
   const bool k_in_place = kv_in_place && !p.has_rope;
 
+  // A task owns up to kMaxBlocksPerTask query tiles of one (segment, head): each K/V tile it packs
+  // (converted, rotated) serves all of them. Fewer tiles per task when tasks would be too few to keep
+  // every thread busy.
+  int64_t n_blocks = 0;
+  for (const auto& seg : segs) n_blocks += p.H * ((seg.second - seg.first + kBlockQ - 1) / kBlockQ);
+  const int64_t blocks_per_task =
+      std::max<int64_t>(1, std::min<int64_t>(kMaxBlocksPerTask, n_blocks / (8 * at::get_num_threads())));
+  const int64_t chunk = blocks_per_task * kBlockQ;
   std::vector<Task> tasks;
   for (int64_t s = 0; s < p.n_segments; ++s) {
     const int64_t L = segs[s].second - segs[s].first;
     for (int64_t h = 0; h < p.H; ++h)
-      for (int64_t r = 0; r < L; r += kBlockQ) {
-        const int64_t rows = std::min(kBlockQ, L - r);
+      for (int64_t r = 0; r < L; r += chunk) {
+        const int64_t rows = std::min(chunk, L - r);
         tasks.push_back({s, h, segs[s].first + r, rows, double(rows) * double(L)});
       }
   }
   run_tasks<FwdState>(tasks, [&](const Task& task, FwdState& st) {
-    st.q.resize(kBlockQ * D); st.k.resize(kBlockK * D); st.v.resize(kBlockK * D);
-    st.s.resize(kBlockQ * kBlockK); st.o.assign(kBlockQ * D, 0.f);
-    st.m.assign(kBlockQ, -std::numeric_limits<float>::infinity()); st.l.assign(kBlockQ, 0.f);
-    const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, M = task.rows;
-    RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
-    pack_rows(qp, sq, h, task.row0, M, D, st.q.data(), p.scale, rope, start, p.num_prefix_tokens);
+    const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, R = task.rows;
+    st.q.resize(R * D); st.k.resize(kBlockK * D); st.v.resize(kBlockK * D);
+    st.s.resize(kBlockQ * kBlockK); st.o.assign(R * D, 0.f);
+    st.m.assign(R, -std::numeric_limits<float>::infinity()); st.l.assign(R, 0.f);
+    const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
+    pack_rows(qp, sq, h, task.row0, R, D, st.q.data(), p.scale, rope, start, p.num_prefix_tokens);
+    float* S = st.s.data();
     for (int64_t k0 = start; k0 < end; k0 += kBlockK) {
       const int64_t N = std::min(kBlockK, end - k0);
       const float* kt;
@@ -290,23 +317,28 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         pack_rows(vp, sv, h, k0, N, D, st.v.data(), 1.f, nullptr, start, 0);
         vt = st.v.data();
       }
-      float* S = st.s.data();
-      gemm(false, true, M, N, D, 1.f, st.q.data(), D, kt, ldk, 0.f, S, kBlockK);  // S = (scale Q) K^T
-      for (int64_t r = 0; r < M; ++r) {  // online softmax
-        float* srow = S + r * kBlockK;
-        const float m_new = std::max(st.m[r], row_max(srow, N));
-        const float alpha = st.m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(st.m[r] - m_new);
-        st.l[r] = st.l[r] * alpha + exp_shift_sum(srow, N, m_new);
-        if (alpha != 1.f) scale_row(st.o.data() + r * D, D, alpha);
-        st.m[r] = m_new;
+      for (int64_t b0 = 0; b0 < R; b0 += kBlockQ) {  // each query tile against this K/V tile
+        const int64_t M = std::min(kBlockQ, R - b0);
+        float* o = st.o.data() + b0 * D;
+        float* m = st.m.data() + b0;
+        float* l = st.l.data() + b0;
+        gemm(false, true, M, N, D, 1.f, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kBlockK);  // S = (scale Q) K^T
+        for (int64_t r = 0; r < M; ++r) {  // online softmax
+          float* srow = S + r * kBlockK;
+          const float m_new = std::max(m[r], row_max(srow, N));
+          const float alpha = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
+          l[r] = l[r] * alpha + exp_shift_sum(srow, N, m_new);
+          if (alpha != 1.f) scale_row(o + r * D, D, alpha);
+          m[r] = m_new;
+        }
+        gemm(false, false, M, D, N, 1.f, S, kBlockK, vt, ldv, 1.f, o, D);  // O += P V
       }
-      gemm(false, false, M, D, N, 1.f, S, kBlockK, vt, ldv, 1.f, st.o.data(), D);  // O += P V
     }
-    for (int64_t r = 0; r < M; ++r) {
+    for (int64_t r = 0; r < R; ++r) {
       scale_row(st.o.data() + r * D, D, 1.f / st.l[r]);
       lp[h * p.T + task.row0 + r] = st.m[r] + std::log(st.l[r]);
     }
-    store_rows(op, so, h, task.row0, M, D, st.o.data(), nullptr, start, 0);
+    store_rows(op, so, h, task.row0, R, D, st.o.data(), nullptr, start, 0);
   });
 }
 

@@ -12,8 +12,8 @@ import sys
 from typing import List, Optional
 
 SUBCOMMANDS = {
-    "convert": "dinofast.models.checkpoint:main",
-    "extract": "dinofast.extract:main",
+    "convert": "dinofast.models.checkpoint:main",  # original-layout DINOv3 checkpoint -> transformers dir
+    "extract": "dinofast.extract:main",  # features for a dataset, torchrun-ready
 }
 
 

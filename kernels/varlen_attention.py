@@ -44,6 +44,9 @@ def _load_halves(base, rows, row_mask, stride_t, seg_start, num_prefix_tokens, h
         cos, sin = rope_cos_sin(rows - seg_start - num_prefix_tokens, hp, wp, t_row, inv_freq_ptr,
                                 HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        # rounded to the input dtype, as rope2d's output would be: fused == rope2d + attention
+        x1 = x1.to(base.dtype.element_ty).to(tl.float32)
+        x2 = x2.to(base.dtype.element_ty).to(tl.float32)
     return x1, x2
 
 
@@ -108,7 +111,7 @@ def varlen_fwd_kernel(
     row_mask = rows < end
     q1, q2 = _load_halves(q_ptr + h * sq_h, rows, row_mask, sq_t, start, num_prefix_tokens, hp, wp, t_row,
                           inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-    if LOW_PRECISION:  # the rotated tile is rounded to the input dtype, as rope2d's output would be
+    if LOW_PRECISION:  # loaded once, used by every dot
         q1 = q1.to(q_ptr.dtype.element_ty)
         q2 = q2.to(q_ptr.dtype.element_ty)
 

@@ -39,11 +39,28 @@ def rope_case(grids, P, H, D, dtype=torch.float32, seed=0, requires_grad=False, 
     return q, k, v, cu, dinofast.RopeSpec(g, P, **spec_kw), max(lengths)
 
 
-def low_precision_tol(dtype):
-    """Tensor-core backends round P and the rotated tiles to the input dtype (see TOL)."""
-    if dtype == torch.float32 or _backend.forced_backend() in ("reference", "cpp"):
+def low_precision_tol(dtype, gradients=False):
+    """Forward: the fp32-accumulating backends (reference, cpp) round once, so TOL[dtype]; tensor-core
+    backends also round P (see TOL). Gradients: every backend reads the saved output O in the input
+    dtype (delta = rowsum(dO * O)), as flash-attention does, so the attention tolerance for all."""
+    if dtype == torch.float32 or (not gradients and _backend.forced_backend() in ("reference", "cpp")):
         return dtype
     return f"attention:{str(dtype).replace('torch.', '')}"
+
+
+def assert_lse_close(lse, ref_lse):
+    """An fp32 log-sum-exp carries the rounding of the scores it sums, so its error grows with the
+    score magnitude: TOL[float32] scaled by the largest |lse| (at least 1)."""
+    assert_close(lse, ref_lse, torch.float32, scale=max(1.0, ref_lse.abs().max().item()))
+
+
+def rope2d_then_attention(q, k, v, cu, spec, compute_dtype=None):
+    """The definition of the fused op: rope2d in q's dtype (rounded there), then attention in
+    compute_dtype (default q's)."""
+    rq, rk = rope2d_reference(q, k, spec.grids, num_prefix_tokens=spec.num_prefix_tokens, cu_seqlens=cu,
+                              periods=spec.periods, coord_transform=spec.coord_transform)
+    ct = compute_dtype or q.dtype
+    return varlen_attention_reference(rq.to(ct), rk.to(ct), v.to(ct), cu)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +76,7 @@ def test_forward_matches_reference(backend_name, case, D):
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (2, q.shape[0]) and lse.dtype == torch.float32
     assert_close(out, ref)
-    assert_close(lse, ref_lse)
+    assert_lse_close(lse, ref_lse)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -96,7 +113,10 @@ def test_low_precision_against_fp64(backend_name, dtype, rope):
         q, k, v, cu = packed_qkv([20, 1, 33], 2, 64, dtype=dtype)
         spec, max_len = None, 33
     out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
-    ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu, rope=spec)
+    if rope:
+        ref = rope2d_then_attention(q, k, v, cu, spec, torch.float64)
+    else:
+        ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu)
     assert out.dtype == dtype
     assert_close(out, ref, low_precision_tol(dtype))
 
@@ -109,8 +129,7 @@ def test_low_precision_against_fp64(backend_name, dtype, rope):
 def test_fused_rope_equals_rope2d_then_attention(backend_name, D, P):
     q, k, v, cu, spec, max_len = rope_case([(3, 5), (1, 1), (4, 7), (2, 1)], P, 2, D)
     out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
-    rq, rk = rope2d_reference(q, k, spec.grids, num_prefix_tokens=P, cu_seqlens=cu)
-    want, _ = varlen_attention_reference(rq, rk, v, cu)
+    want = rope2d_then_attention(q, k, v, cu, spec)
     assert_close(out, want)
     plain = dinofast.varlen_attention(q, k, v, cu, max_len)
     assert (plain - want).abs().max() > 1e-3, "the rotation must change the result"
@@ -123,9 +142,8 @@ def test_fused_rope_periods_and_coord_transform(backend_name):
     t = dinofast.sample_coord_transform(3, shift=0.2, jitter=1.3, rescale=2.0, generator=gen).to(DEVICE)
     q, k, v, cu, spec, max_len = rope_case([(3, 5), (4, 2), (1, 1)], 5, 2, D, periods=periods, coord_transform=t)
     out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
-    rq, rk = rope2d_reference(q, k, spec.grids, num_prefix_tokens=5, cu_seqlens=cu, periods=periods,
-                              coord_transform=t)
-    assert_close(out, varlen_attention_reference(rq, rk, v, cu)[0])
+    assert_close(out, rope2d_then_attention(q, k, v, cu, spec))
+    assert (out - rope2d_then_attention(q, k, v, cu, dinofast.RopeSpec(spec.grids, 5))).abs().max() > 1e-4
 
 
 def test_rope_grids_as_list(backend_name):
@@ -144,7 +162,7 @@ def test_hypothesis_shapes(backend_name, lengths, H, D, extra, scale):
     out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, max(lengths) + extra, softmax_scale=scale)
     ref, ref_lse = varlen_attention_reference(q, k, v, cu, softmax_scale=scale)
     assert_close(out, ref)
-    assert_close(lse, ref_lse)
+    assert_lse_close(lse, ref_lse)
 
 
 @given(grids=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
@@ -152,8 +170,7 @@ def test_hypothesis_shapes(backend_name, lengths, H, D, extra, scale):
 def test_hypothesis_rope(backend_name, grids, P, D):
     q, k, v, cu, spec, max_len = rope_case(grids, P, 2, D, seed=P + D)
     out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
-    rq, rk = rope2d_reference(q, k, spec.grids, num_prefix_tokens=P, cu_seqlens=cu)
-    assert_close(out, varlen_attention_reference(rq, rk, v, cu)[0])
+    assert_close(out, rope2d_then_attention(q, k, v, cu, spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +219,7 @@ def test_low_precision_gradients(backend_name, dtype):
                   (q.double(), k.double(), v.double()), grad_out.double())
     for g, w in zip(got, want):
         assert g.dtype == dtype
-        assert_close(g, w, low_precision_tol(dtype), scale=2.0)
+        assert_close(g, w, low_precision_tol(dtype, gradients=True), scale=2.0)
 
 
 def test_gradcheck_reference_fp64():

@@ -17,6 +17,7 @@ an attention implementation).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from dinofast import _validate as V
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_
+from dinofast.ops.varlen_attention import varlen_attention
 from dinofast.reference.rope2d import inv_freq as default_inv_freq
 from dinofast.reference.rope2d import sample_coord_transform
 
@@ -103,19 +105,9 @@ def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_pre
 
 
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: float) -> Tensor:
-    """q, k, v [T, H, D] packed -> [T, H, D]; each image attends only to itself."""
-    # Until dinofast.varlen_attention lands: rope2d on the packed sequence, SDPA per image.
-    spec = plan.rope
-    rope = dict(num_prefix_tokens=spec.num_prefix_tokens, theta=spec.theta, periods=spec.periods,
-                cu_seqlens=plan.cu_seqlens, coord_transform=spec.coord_transform)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        q, k = rope2d(q, k, spec.grids, **rope)
-    else:
-        rope2d_(q, k, spec.grids, **rope)
-    cu = plan.cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale)
-            for a, b in zip(cu[:-1], cu[1:])]
-    return torch.cat(outs, dim=1).transpose(0, 1)
+    """q, k, v [T, H, D] packed (strided views of the qkv buffer) -> [T, H, D]; each image attends
+    only to itself, RoPE fused into the attention's Q/K loads."""
+    return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope)
 
 
 def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
@@ -136,6 +128,11 @@ def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _P
     """DINOv3ViTAttention's computation with dinofast ops.
 
     Batched: hidden_states [B, N, C] with a _BatchedPlan. Packed: [T, C] with a _PackedPlan."""
+    return attn.o_proj(_attention_heads(attn, hidden_states, plan))
+
+
+def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan]) -> Tensor:
+    """_attention_forward before the output projection: the heads' outputs, [..., C]."""
     qkv = _qkv_projection(attn, hidden_states)
     q, k, v = qkv.unbind(-3)  # views, [..., H, D]
     if isinstance(plan, _PackedPlan):
@@ -146,17 +143,64 @@ def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _P
         dropout_p = attn.dropout if attn.training else 0.0
         out = _attend_batched(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, P,
                               attn.scaling, dropout_p).transpose(1, 2)
-    return attn.o_proj(out.flatten(-2))
+    return out.flatten(-2)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _cpu_inference(layer, x: Tensor) -> bool:
+    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not layer.training and x.is_contiguous() and _onednn_linear_available())
+
+
+def _mlp_hidden(mlp, x: Tensor) -> Tensor:
+    """DINOv3ViTMLP / DINOv3ViTGatedMLP up to (not including) down_proj, on the CPU inference path:
+    the activation runs in the epilogue of the first GEMM (oneDNN post-op), saving a pass over the
+    [tokens, 4C] hidden. None when the activation has no such post-op."""
+    gated = hasattr(mlp, "gate_proj")
+    if mlp.config.hidden_act not in (("silu", "swish") if gated else ("gelu",)):
+        return None
+    first = mlp.gate_proj if gated else mlp.up_proj
+    h = torch.ops.mkldnn._linear_pointwise(x, first.weight, first.bias, "swish" if gated else "gelu", [],
+                                           "" if gated else "none")
+    return h.mul_(mlp.up_proj(x)) if gated else h
+
+
+def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Tensor:
+    """residual + scale * linear(x) as ONE GEMM (CPU inference path): LayerScale folded into the
+    weight rows (a [C, K] multiply, small next to the GEMM over the tokens), residual added in the
+    GEMM epilogue (oneDNN binary post-op)."""
+    weight = linear.weight * scale[:, None]
+    bias = None if linear.bias is None else linear.bias * scale
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
 def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
     """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention."""
-    residual = hidden_states
+    if _cpu_inference(layer, hidden_states):
+        attn = layer.attention
+        h = _attention_heads(attn, layer.norm1(hidden_states), plan)
+        hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
+        x = layer.norm2(hidden_states)
+        h = _mlp_hidden(layer.mlp, x)
+        if h is None:
+            return torch.addcmul(hidden_states, layer.mlp(x), layer.layer_scale2.lambda1)
+        return _scaled_linear_add(layer.mlp.down_proj, h, layer.layer_scale2.lambda1, hidden_states)
     h = _attention_forward(layer.attention, layer.norm1(hidden_states), plan)
-    hidden_states = layer.drop_path(layer.layer_scale1(h)) + residual
-    residual = hidden_states
+    hidden_states = layer.drop_path(layer.layer_scale1(h)) + hidden_states
     h = layer.mlp(layer.norm2(hidden_states))
-    return layer.drop_path(layer.layer_scale2(h)) + residual
+    return layer.drop_path(layer.layer_scale2(h)) + hidden_states
+
+
+def _layer_module_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                          position_embeddings=None, **kwargs) -> Tensor:
+    """Patched DINOv3ViTLayer.forward."""
+    _check_plan(position_embeddings, attention_mask)
+    return _layer_forward(self, hidden_states, position_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,19 +220,24 @@ def _rope_forward(self, pixel_values: Tensor) -> _BatchedPlan:
 def _attention_module_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                               position_embeddings=None, **kwargs):
     """Patched DINOv3ViTAttention.forward; returns (output, None) like transformers' sdpa path."""
+    _check_plan(position_embeddings, attention_mask)
+    return _attention_forward(self, hidden_states, position_embeddings), None
+
+
+def _check_plan(position_embeddings, attention_mask) -> None:
     if not isinstance(position_embeddings, (_BatchedPlan, _PackedPlan)):
         raise ValueError(
             "position_embeddings: expected the plan of a dinofast-patched rope_embeddings module "
-            f"(this attention layer is patched by dinofast.patch_dinov3), got {type(position_embeddings).__name__}; "
+            f"(this layer is patched by dinofast.patch_dinov3), got {type(position_embeddings).__name__}; "
             "patch the whole model with dinofast.patch_dinov3(model) or unpatch it")
     if attention_mask is not None:
         raise ValueError("attention_mask: expected None (DINOv3 attends to every token), got a tensor")
-    return _attention_forward(self, hidden_states, position_embeddings), None
 
 
 _PATCHED_FORWARDS = {
     "DINOv3ViTRopePositionEmbedding": _rope_forward,
     "DINOv3ViTAttention": _attention_module_forward,
+    "DINOv3ViTLayer": _layer_module_forward,
 }
 _SUBCLASSES: Dict[type, type] = {}
 
