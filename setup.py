@@ -76,7 +76,7 @@ def _extension():
 
 
 setup(
-    packages=["dinofast", "dinofast.ops", "dinofast.nn", "dinofast.reference", "dinofast.kernels"],
+    packages=["dinofast", "dinofast.ops", "dinofast.nn", "dinofast.reference", "dinofast.kernels", "dinofast.data", "dinofast.models"],
     # The Triton kernels live at the top-level kernels/ but install as dinofast.kernels: a top-level
     # `kernels` module would shadow an unrelated PyPI package.
     package_dir={"dinofast.kernels": "kernels"},

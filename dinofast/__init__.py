@@ -17,5 +17,6 @@ from dinofast import nn  # noqa: F401
 from dinofast.models import (  # noqa: F401
     CheckpointError, ImageFeatures, encode_packed, load_dinov3, patch_dinov3, unpatch_dinov3,
 )
+from dinofast.data import Grid, ImageProcessor, Packed, TokenBudgetSampler, image_token_string, pack  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""Extraction throughput on CPU: `dinofast extract` (token-budget packed batches through the
+patched model) vs the transformers model run one image at a time, both from image files on disk to
+a safetensors shard, ViT-S dimensions with random weights, 64 generated images of mixed sizes up to
+768 px.
+
+    pytest benchmarks/test_extract.py --benchmark-only -s
+
+Target (issue 6): packed >= 1.3x the per-image loop in images/s, checked by the packed row when
+the per-image row ran first in the same session.
+"""
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+NUM_IMAGES = 64
+MAX_SIDE = 768
+ROUNDS = 1  # one round each: the pair takes ~7 min on the 2-core dev box
+TARGET = 1.3
+_medians = {}
+
+
+@pytest.fixture(scope="module")
+def vit_s_dir(tmp_path_factory):
+    """ViT-S/16 dimensions of the released DINOv3 (384 wide, 12 layers, 6 heads, 4 registers)."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+        num_register_tokens=4, patch_size=16, layer_norm_eps=1e-5,
+    )
+    path = tmp_path_factory.mktemp("vit_s")
+    DINOv3ViTModel(config).eval().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """64 JPEGs: longest side uniform in [96, 768], aspect ratio in [1/2.5, 2.5], some grayscale."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("bench_images")
+    for i in range(NUM_IMAGES):
+        longest = int(rng.integers(96, MAX_SIDE + 1))
+        aspect = float(np.exp(rng.uniform(np.log(1 / 2.5), np.log(2.5))))
+        h, w = (longest, max(16, int(longest / aspect))) if aspect > 1 else (max(16, int(longest * aspect)), longest)
+        # smooth random content (not white noise) so JPEG decoding costs what photos cost
+        small = rng.integers(0, 256, size=(max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+        if i % 7 == 0:
+            im = im.convert("L")
+        im.save(os.path.join(root, f"img{i:03d}.jpg"), quality=90)
+    return str(root)
+
+
+def per_image_transformers(model_dir, image_dir, out_dir):
+    """The baseline: the same files, processor and shard format, transformers' DINOv3ViTModel
+    (sdpa attention, unpatched) called on one [1, 3, H, W] image at a time."""
+    from safetensors.torch import save_file
+    from transformers import DINOv3ViTModel
+
+    import dinofast
+
+    model = DINOv3ViTModel.from_pretrained(model_dir).eval()
+    proc = dinofast.ImageProcessor(patch_size=16, max_side=MAX_SIDE)
+    R = model.config.num_register_tokens
+    tensors = {}
+    for name in sorted(os.listdir(image_dir)):
+        with Image.open(os.path.join(image_dir, name)) as im:
+            pixels, grid = proc(im)
+        with torch.inference_mode():
+            h = model(pixel_values=pixels[None]).last_hidden_state[0]
+        tensors[f"{name}/cls"] = h[0].clone()
+        tensors[f"{name}/registers"] = h[1:1 + R].clone()
+        tensors[f"{name}/patches"] = h[1 + R:].unflatten(0, (grid.Hp, grid.Wp)).clone()
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "features.safetensors"))
+
+
+def packed_extract(model_dir, image_dir, out_dir):
+    from dinofast import extract
+
+    extract.main(["--model", model_dir, "--images", image_dir, "--out", out_dir, "--max-side", str(MAX_SIDE),
+                  "--max-tokens-per-batch", "8192", "--no-progress"])
+
+
+def _bench(benchmark, fn, model_dir, image_dir, tmp_path, label):
+    outs = iter(range(100))
+
+    def setup():
+        out = str(tmp_path / f"out{next(outs)}")
+        shutil.rmtree(out, ignore_errors=True)
+        return (model_dir, image_dir, out), {}
+
+    benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    median = benchmark.stats.stats.median
+    _medians[label] = median
+    benchmark.extra_info["images_per_s"] = NUM_IMAGES / median
+    print(f"\n{label}: median {median:.2f} s, {NUM_IMAGES / median:.2f} images/s")
+
+
+@pytest.mark.benchmark(group="extract-vit-s-cpu")
+def test_extract_transformers_per_image(benchmark, vit_s_dir, image_dir, tmp_path):
+    _bench(benchmark, per_image_transformers, vit_s_dir, image_dir, tmp_path, "transformers per image")
+
+
+@pytest.mark.benchmark(group="extract-vit-s-cpu")
+def test_extract_dinofast_packed(benchmark, vit_s_dir, image_dir, tmp_path):
+    _bench(benchmark, packed_extract, vit_s_dir, image_dir, tmp_path, "dinofast extract (packed)")
+    if "transformers per image" not in _medians:
+        pytest.skip("the speedup needs the per-image row from the same session")
+    ratio = _medians["transformers per image"] / _medians["dinofast extract (packed)"]
+    benchmark.extra_info["speedup_vs_per_image"] = ratio
+    print(f"speedup packed vs per image: {ratio:.2f}x (target {TARGET}x)")
+    assert ratio >= TARGET, f"packed extraction is {ratio:.2f}x the per-image loop; target {TARGET}x"
+
