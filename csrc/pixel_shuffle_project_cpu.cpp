@@ -11,6 +11,9 @@ namespace shuffle {
 namespace {
 
 constexpr const char* kOp = "pixel_shuffle_project";
+// Copies smaller than this run on the calling thread: a memcpy of a few MiB takes well under a
+// millisecond, less than waking (and, on a busy machine, waiting for) a second thread.
+constexpr int64_t kParallelBytes = int64_t(4) << 20;
 
 // panel[i, j] = A[m0 + i, k0 + j]; copies runs of channels that stay inside one slot.
 void gather_cpu(const Geometry& g, const Packed& p, const at::Tensor& x, at::Tensor& panel, int64_t m0,
@@ -19,7 +22,7 @@ void gather_cpu(const Geometry& g, const Packed& p, const at::Tensor& x, at::Ten
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(panel.data_ptr());
   const int64_t ld = panel.stride(0);
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, cols * es));
+  const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(1, cols * es));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const RowSource r = row_source(g, p, m0 + i);
@@ -38,7 +41,7 @@ void scatter_cpu(const Geometry& g, const Packed& p, at::Tensor& grad_x, const a
   const int64_t rows = panel.size(0), es = grad_x.element_size();
   const char* src = static_cast<const char*>(panel.data_ptr());
   char* dst = static_cast<char*>(grad_x.data_ptr());
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, g.K * es));
+  const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(1, g.K * es));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const RowSource r = row_source(g, p, m0 + i);

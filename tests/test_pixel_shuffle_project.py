@@ -46,7 +46,7 @@ def f64(*ts):
 def test_reference_shuffle_is_the_spec_index_map(grid, s, P):
     Hp, Wp = grid
     Gh, Gw, D = Hp // s, Wp // s, 3
-    x = randn(2, P + Hp * Wp, D, device="cpu")
+    x = randn(2, P + Hp * Wp, D, device="cpu", seed=4)
     got = pixel_shuffle(x, Hp, Wp, s, P)
     assert got.shape == (2, Gh * Gw, D * s * s)
     for b in range(2):
@@ -152,10 +152,10 @@ def test_hypothesis_shapes(backend_name, B, s, Gh, Gw, P, D, out, bias):
 
 def test_non_contiguous_inputs(backend_name):
     # x with a padded row stride (a slice of a wider buffer) and a transposed weight buffer
-    wide = randn(2, 5 + 24, 40)
+    wide = randn(2, 5 + 24, 40, seed=1)
     x = wide[..., 8:32]
-    w_t = randn(24 * 4, 40).t()
-    b = randn(40)
+    w_t = (randn(24 * 4, 40, seed=2) / math.sqrt(24 * 4)).t()  # scaled so that outputs are O(1)
+    b = randn(40, seed=3)
     y = dinofast.pixel_shuffle_project(x, w_t, b, grids=(4, 6), factor=2, num_prefix_tokens=5)
     assert_close(y, pixel_shuffle_project_reference(x, w_t, b, grids=(4, 6), factor=2, num_prefix_tokens=5))
 
@@ -262,7 +262,7 @@ def test_module_loads_nanovlm_checkpoint(backend_name):
     assert set(ours.state_dict()) == {"proj.weight"}
     assert ours.proj.weight.shape == (40, 24 * 16)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = randn(2, 64, 24)
+    x = randn(2, 64, 24, seed=5)
     assert_close(ours(x, (8, 8)), nanovlm_modality_projector(x.double(), theirs.proj.weight.double(), 4),
                  torch.float32)
     assert_close(ours(x, (8, 8)), theirs(x))
