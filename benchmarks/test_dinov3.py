@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import dinofast
+from benchmarks.conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-ROUNDS = int(os.environ.get("DINOFAST_BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("DINOFAST_BENCH_ROUNDS", "3"))  # whole-model forwards take seconds on CPU
 VARIANTS = {"S": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),
             "B": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)}
 MODELS = [m for m in os.environ.get("DINOFAST_BENCH_MODELS", "S,B").split(",") if m in VARIANTS]
@@ -46,36 +46,29 @@ def model_for(variant):
     return _models[variant]
 
 
-def bench(benchmark, fn, group):
-    """Time fn (inference mode), in `group`: one pytest-benchmark group per shape, so rows measured
-    side by side sit together."""
-    benchmark.group = group
-
-    def timed():
+def inference(fn):
+    def run():
         with torch.inference_mode():
-            fn()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+            return fn()
+    return run
 
 
 @pytest.mark.parametrize("impl", ["transformers-sdpa", "dinofast-patched"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("variant", MODELS)
-def test_forward(benchmark, variant, size, impl):
+def test_forward(bench, variant, size, impl):
     model = model_for(variant)
     (dinofast.patch_dinov3 if impl == "dinofast-patched" else dinofast.unpatch_dinov3)(model)
     x = torch.randn(1, 3, *size, device=DEVICE, dtype=DTYPE)
     try:
-        bench(benchmark, lambda: model(x), f"dinov3 forward ViT-{variant} {size[0]}x{size[1]} B=1")
+        bench(inference(lambda: model(x)), f"dinov3 forward ViT-{variant} {size[0]}x{size[1]} B=1", rounds=ROUNDS)
     finally:
         dinofast.unpatch_dinov3(model)
 
 
 @pytest.mark.parametrize("impl", ["transformers-per-image", "dinofast-patched-per-image", "encode_packed"])
 @pytest.mark.parametrize("variant", MODELS)
-def test_mixed_batch(benchmark, variant, impl):
+def test_mixed_batch(bench, benchmark, variant, impl):
     model = model_for(variant)
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(3, h, w, generator=g).to(device=DEVICE, dtype=DTYPE) for h, w in mixed_sizes()]
@@ -87,6 +80,6 @@ def test_mixed_batch(benchmark, variant, impl):
             dinofast.patch_dinov3(model)
         fn = lambda: [model(img[None]) for img in images]  # noqa: E731
     try:
-        bench(benchmark, fn, f"dinov3 8 mixed images ViT-{variant}")
+        bench(inference(fn), f"dinov3 8 mixed images ViT-{variant}", rounds=ROUNDS)
     finally:
         dinofast.unpatch_dinov3(model)

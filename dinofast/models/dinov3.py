@@ -1,19 +1,23 @@
 """dinofast inside transformers' DINOv3 ViT: in-place patching and a packed mixed-resolution forward.
 
-Patching (`patch_dinov3`) swaps the classes of two kinds of submodules for dinofast subclasses; no
+Patching (`patch_dinov3`) swaps the classes of three kinds of submodules for dinofast subclasses; no
 parameter, buffer or state-dict key changes, and `unpatch_dinov3` swaps the classes back:
   rope_embeddings (DINOv3ViTRopePositionEmbedding): instead of cos/sin tables its forward returns a
       `_BatchedPlan` (grid, rope frequencies, and in train mode the coordinate augmentation drawn
       exactly as transformers draws it: once per forward, same RNG calls in the same order).
   layer.i.attention (DINOv3ViTAttention): one fused q|k|v projection, dinofast's 2D RoPE on the
       q/k views of that buffer (in place when no gradient is needed), then attention.
-The encoder and layers are transformers' own; they hand the plan to every attention unchanged.
+  layer.i (DINOv3ViTLayer): the same block; on the CPU inference path (fp32, no autograd, eval) the
+      MLP activation runs in the first GEMM's epilogue and LayerScale + residual in the next GEMM's
+      (oneDNN post-ops), which is most of the CPU speed-up over transformers.
+The encoder is transformers' own; it hands the plan to every layer unchanged.
 
 `encode_packed` runs the same modules over one packed sequence of images of different sizes:
 [CLS, registers, patches] per image back to back, no padding, varlen attention with fused RoPE.
 
-Every attention call goes through `_attend_batched` or `_attend_packed` (the only places that pick
-an attention implementation).
+Every attention call goes through `_attend_batched` (rope2d_ + SDPA: on CPU torch's flash SDPA beats
+the cpp varlen kernel on long same-size sequences) or `_attend_packed` (dinofast.varlen_attention),
+the only places that pick an attention implementation.
 """
 from __future__ import annotations
 
