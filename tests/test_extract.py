@@ -236,6 +236,17 @@ def test_bad_arguments(model_dir, image_dir, tmp_path, capsys):
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
 
 
+def test_image_over_the_budget_is_encoded_alone_with_a_warning(model_dir, image_dir, tmp_path):
+    images, _, _ = image_dir
+    out = str(tmp_path / "o")
+    with pytest.warns(RuntimeWarning, match=r"1 image\(s\) exceed --max-tokens-per-batch=10"):
+        extract.main(["--model", model_dir, "--images", os.path.join(images, "e.png"), "--out", out,
+                      "--max-tokens-per-batch", "10", "--no-progress"])
+    records, feats = read_output(out)
+    path = os.path.join(images, "e.png")
+    assert records[path]["status"] == "ok" and feats[path]["patches"].shape == (4, 4, 32)
+
+
 def test_missing_images_is_a_clear_error(model_dir, tmp_path):
     with pytest.raises(SystemExit, match="neither a directory nor a glob"):
         extract.main(["--model", model_dir, "--images", str(tmp_path / "nothing*.png"), "--out", str(tmp_path / "o"),
