@@ -10,7 +10,6 @@ the per-image row ran first in the same session.
 """
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest

@@ -52,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-batch", type=int, default=16384,
                    help="encoder tokens (CLS + registers + patches) per packed batch (default 16384)")
     p.add_argument("--layers", type=int, nargs="+", default=[-1],
-                   help="-1: the final (normed) output; other values are passed to encode_packed as "
-                        "output_layers and stored as {id}/layers.{i}.* (default -1)")
+                   help="-1: the final (normed) output, stored as {id}/cls, registers, patches; other "
+                        "values are transformer layer indices (0-based; negative from the end except -1) "
+                        "whose outputs before the final norm are stored as {id}/layers.{i}.* (default -1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when CUDA is there, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--shard-mb", type=float, default=1024.0, help="start a new shard past this many MiB (default 1024)")
@@ -63,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = add_arguments(argparse.ArgumentParser(prog="dinofast extract", description=__doc__.split("\n")[0])).parse_args(argv)
+    parser = add_arguments(argparse.ArgumentParser(prog="dinofast extract", description=__doc__.split("\n")[0]))
+    args = parser.parse_args(argv)
+    for name in ("max_side", "max_tokens_per_batch", "shard_mb", "workers"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
     run(args)
     return 0
 
@@ -365,21 +370,33 @@ def _run(args, device, dist: Dist) -> Summary:
     patch_size = int(cfg.patch_size)
     num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0))
     output_layers = sorted({i for i in args.layers if i != -1})
+    num_layers = int(cfg.num_hidden_layers)
+    bad = [i for i in output_layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise SystemExit(f"dinofast extract: --layers: expected -1 (final output) or layer indices in "
+                         f"[-{num_layers}, {num_layers - 1}] ({num_layers} layers), got {bad}")
     processor = ImageProcessor(patch_size=patch_size, max_side=args.max_side)
     config = {
         "model": os.path.abspath(args.model), "max_side": args.max_side, "patch_size": patch_size,
         "dtype": args.dtype, "layers": sorted(set(args.layers)), "hidden_size": int(cfg.hidden_size),
     }
 
-    # rank 0 decides what is left to do; everyone gets the same list
-    todo = None
+    # rank 0 decides what is left to do; everyone gets the same list (or rank 0's reason to stop,
+    # so that no rank waits for a list that never comes)
+    plan = None
     if dist.rank == 0:
-        check_config(out_dir, config)
-        records = load_records(out_dir)
-        cleanup(out_dir, records)
-        todo = [p for p in list_images(args.images) if p[0] not in records]
-        skipped = len(records)
-    todo = dist.broadcast(todo)
+        try:
+            check_config(out_dir, config)
+            records = load_records(out_dir)
+            cleanup(out_dir, records)
+            plan = [p for p in list_images(args.images) if p[0] not in records]
+            skipped = len(records)
+        except SystemExit as stop:
+            plan = str(stop)
+    plan = dist.broadcast(plan)
+    if isinstance(plan, str):
+        raise SystemExit(plan)
+    todo = plan
     summary = Summary(rank=dist.rank)
     writer = ShardWriter(out_dir, dist.rank, int(args.shard_mb * 2**20))
     start = time.perf_counter()

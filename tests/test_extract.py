@@ -224,6 +224,29 @@ def test_other_settings_refuse_to_mix(model_dir, image_dir, tmp_path):
         extract.main(["--model", model_dir, "--images", images, "--out", out, "--max-side", "64", "--no-progress"])
 
 
+def test_bad_arguments(model_dir, image_dir, tmp_path, capsys):
+    images, _, _ = image_dir
+    out = str(tmp_path / "o")
+    with pytest.raises(SystemExit, match=r"--layers: .*\[-2, 1\] \(2 layers\), got \[5\]"):
+        extract.main(args_for(model_dir, images, out, "--layers", "-1", "5", "--no-progress"))
+    for opt in ("--max-side", "--max-tokens-per-batch", "--workers", "--shard-mb"):
+        with pytest.raises(SystemExit) as e:
+            extract.main(args_for(model_dir, images, out, opt, "0"))
+        assert e.value.code == 2 and f"{opt}: expected a positive number, got 0" in capsys.readouterr().err
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+
+
+def test_image_over_the_budget_is_encoded_alone_with_a_warning(model_dir, image_dir, tmp_path):
+    images, _, _ = image_dir
+    out = str(tmp_path / "o")
+    with pytest.warns(RuntimeWarning, match=r"1 image\(s\) exceed --max-tokens-per-batch=10"):
+        extract.main(["--model", model_dir, "--images", os.path.join(images, "e.png"), "--out", out,
+                      "--max-tokens-per-batch", "10", "--no-progress"])
+    records, feats = read_output(out)
+    path = os.path.join(images, "e.png")
+    assert records[path]["status"] == "ok" and feats[path]["patches"].shape == (4, 4, 32)
+
+
 def test_missing_images_is_a_clear_error(model_dir, tmp_path):
     with pytest.raises(SystemExit, match="neither a directory nor a glob"):
         extract.main(["--model", model_dir, "--images", str(tmp_path / "nothing*.png"), "--out", str(tmp_path / "o"),
@@ -259,6 +282,12 @@ def test_two_gloo_ranks_match_one_process(model_dir, image_dir, tmp_path):
             assert_close(f2[name][key], f1[name][key], scale=MODEL_TOL_SCALE)
     for name in bad:
         assert rec2[name]["status"] == "error"
+    # rank 0 refusing (other settings) stops every rank with its reason instead of leaving rank 1
+    # waiting for a work list
+    r3 = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dinofast",
+                  "extract", "--model", model_dir, "--images", images, "--out", two, *common[2:], "--max-side", "64"],
+                 env_extra={"OMP_NUM_THREADS": "1"}, timeout=240)
+    assert r3.returncode != 0 and "other settings" in r3.stderr
 
 
 def test_extract_help_lists_the_options(capsys):

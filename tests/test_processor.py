@@ -226,6 +226,32 @@ def test_exif_orientation(tmp_path, orientation, turn):
     assert image_size(path) == (upright.height, upright.width)
 
 
+@given(
+    mode=st.sampled_from(["RGB", "L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "YCbCr"]),
+    h=st.integers(1, 300), w=st.integers(1, 300), factor=st.sampled_from([1, 2]), seed=st.integers(0, 99),
+)
+def test_any_mode_and_size_gives_normalised_rgb_on_the_grid(mode, h, w, factor, seed):
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65536, size=(h, w), dtype=np.uint16))
+    elif mode == "1":
+        im = Image.fromarray(rng.integers(0, 2, size=(h, w), dtype=np.uint8) * 255, mode="L").convert("1")
+    elif mode == "P":
+        im = random_image(h, w, seed=seed).quantize(8)
+    elif mode == "YCbCr":
+        im = random_image(h, w, seed=seed).convert("YCbCr")
+    else:
+        im = random_image(h, w, seed=seed, mode=mode)
+    proc = dinofast.ImageProcessor(max_side=128, factor=factor)
+    pixels, g = proc(im)
+    assert g == proc.grid_for_size(h, w)
+    assert pixels.shape == (3, g.Hp * 16, g.Wp * 16) and pixels.dtype == torch.float32
+    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
+    assert (pixels >= lo - 1e-6).all() and (pixels <= hi + 1e-6).all()
+    again, _ = proc(im)
+    assert torch.equal(pixels, again)
+
+
 def rgb_levels(pixels):
     return to_uint8_levels(pixels.double()).round()
 
