@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - exercised only on misconfigured machin
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ABI_VERSION = 1  # bump with dinofast/_backend.py:C_ABI_VERSION whenever an op schema in csrc/ changes
+ABI_VERSION = 2  # bump with dinofast/_backend.py:C_ABI_VERSION whenever an op schema in csrc/ changes
 
 
 def _cuda_wanted() -> bool:

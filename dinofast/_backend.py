@@ -24,7 +24,7 @@ PREFERENCE = {
 }
 
 # Must equal setup.py's ABI_VERSION: a _C built from older op schemas is treated as missing.
-C_ABI_VERSION = 1
+C_ABI_VERSION = 2
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("dinofast_backend", default=None)
 
