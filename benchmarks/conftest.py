@@ -4,6 +4,9 @@ Each op's file benchmarks every backend available on the device (the Triton inte
 out on CPU: it is for correctness, not speed) beside its baselines, one pytest-benchmark group per
 shape so that rows measured side by side sit together.
 """
+import contextlib
+import time
+
 import pytest
 import torch
 
@@ -31,12 +34,17 @@ def _synced(fn):
 
 @pytest.fixture
 def bench(benchmark):
-    """bench(fn, group, backend=None): time fn (under `backend` when given) in `group`."""
-    def run(fn, group: str, backend=None, rounds: int = None):
+    """bench(fn, group, backend=None): time fn (under `backend` when given) in `group`.
+
+    One untimed call warms up (compilation, caches) and sizes the run: about half a second of
+    rounds, at least 5 and at most 200."""
+    def run(fn, group: str, backend=None):
         benchmark.group = group
         fn = _synced(fn)
-        if backend is None:
-            return benchmark.pedantic(fn, warmup_rounds=1, rounds=rounds or 5, iterations=1)
-        with dinofast.backend(backend):
-            return benchmark.pedantic(fn, warmup_rounds=1, rounds=rounds or 5, iterations=1)
+        with dinofast.backend(backend) if backend else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            fn()
+            once = time.perf_counter() - t0
+            rounds = max(5, min(200, int(0.5 / max(once, 1e-6))))
+            return benchmark.pedantic(fn, rounds=rounds, iterations=1)
     return run

@@ -42,6 +42,7 @@ def _transformers_rope():
     return DINOv3ViTRopePositionEmbedding(cfg).to(DEVICE).eval()
 
 
+torch._dynamo.config.recompile_limit = 64  # one graph per (resolution, batch) row
 _compiled_reference = torch.compile(rope2d_reference, fullgraph=True, dynamic=False)
 
 ROWS = speed_backends() + ["transformers-eager", "torch.compile(reference)", "memory-floor"]

@@ -52,6 +52,28 @@ struct Geometry {
   bool packed, has_transform, inverse;
 };
 
+// Where token t of batch row b sits: its image, its patch index (negative for prefix tokens) and,
+// for patches, the (y, x) of that patch after the optional transform.
+struct TokenPlace {
+  int64_t img, pos;
+  float y, x;
+};
+
+DF_HD TokenPlace locate_token(const Geometry& g, const int32_t* cu, const int32_t* grids,
+                              const float* transform, int64_t b, int64_t t) {
+  int64_t img = b, start = 0, hp = g.hp, wp = g.wp;
+  if (g.packed) {
+    img = segment_of(cu, g.n_images, t);
+    start = cu[img];
+    hp = grids[2 * img];
+    wp = grids[2 * img + 1];
+  }
+  TokenPlace p{img, t - start - g.num_prefix_tokens, 0.0f, 0.0f};
+  if (p.pos >= 0)
+    token_yx(p.pos, hp, wp, transform ? transform + img * g.transform_stride : nullptr, p.y, p.x);
+  return p;
+}
+
 // TORCH_CHECKs of the op's arguments (the Python layer has already raised ValueErrors; these keep
 // direct torch.ops callers from reaching a kernel with bad pointers).
 inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out,

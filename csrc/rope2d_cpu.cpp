@@ -39,26 +39,24 @@ void rope2d_cpu_impl(const at::Tensor& q, const at::Tensor& k, at::Tensor& q_out
 
   at::parallel_for(0, g.B * g.N, grain, [&](int64_t begin, int64_t end) {
     acc_t cs[kMaxHeadDim / 2], sn[kMaxHeadDim / 2], x1[kMaxHeadDim / 2], x2[kMaxHeadDim / 2];
+    bool y_cached = false;
+    int64_t y_img = -1;
+    float y_last = 0.0f;
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / g.N, t = bt % g.N;
-      int64_t img = b, start = 0, hp = g.hp, wp = g.wp;
-      if (g.packed) {
-        img = segment_of(cu, g.n_images, t);
-        start = cu[img];
-        hp = grids[2 * img];
-        wp = grids[2 * img + 1];
-      }
-      const int64_t pos = t - start - g.num_prefix_tokens;
-      if (pos < 0) {  // prefix token: identity rotation
+      const TokenPlace p = locate_token(g, cu, grids, transform, b, t);
+      if (p.pos < 0) {  // prefix token: identity rotation
         for (int64_t d = 0; d < half; ++d) { cs[d] = acc_t(1); sn[d] = acc_t(0); }
+        y_cached = false;
       } else {
-        float y, x;
-        token_yx(pos, hp, wp, transform ? transform + img * g.transform_stride : nullptr, y, x);
-        for (int64_t d = 0; d < half; ++d) {
-          const acc_t a = static_cast<acc_t>((kTwoPi * (d < quarter ? y : x))) * freqs[d % quarter];
+        // The first D/4 channels depend on the row only: consecutive tokens of a row reuse them.
+        const bool same_row = y_cached && p.img == y_img && p.y == y_last;
+        for (int64_t d = same_row ? quarter : 0; d < half; ++d) {
+          const acc_t a = channel_angle(static_cast<int>(d), static_cast<int>(quarter), p.y, p.x, freqs);
           cs[d] = std::cos(a);
           sn[d] = g.inverse ? -std::sin(a) : std::sin(a);
         }
+        y_cached = true; y_img = p.img; y_last = p.y;
       }
       for (int64_t h = 0; h < g.H; ++h) {
         rotate_row(qi + b * q.stride(0) + t * q.stride(1) + h * q.stride(2),

@@ -24,24 +24,15 @@ __global__ void rope2d_cuda_kernel(const scalar_t* __restrict__ qi, const scalar
   __shared__ acc_t cs[kMaxHeadDim / 2], sn[kMaxHeadDim / 2];
   const int64_t bt = blockIdx.x;
   const int64_t b = bt / g.N, t = bt % g.N;
-  int64_t img = b, start = 0, hp = g.hp, wp = g.wp;
-  if (g.packed) {
-    img = segment_of(cu, g.n_images, t);
-    start = cu[img];
-    hp = grids[2 * img];
-    wp = grids[2 * img + 1];
-  }
-  const int64_t pos = t - start - g.num_prefix_tokens;
+  const TokenPlace p = locate_token(g, cu, grids, transform, b, t);
   const int half = static_cast<int>(g.D / 2), quarter = static_cast<int>(g.D / 4);
   for (int d = threadIdx.x; d < half; d += blockDim.x) {
-    if (pos < 0) {  // prefix token: identity rotation
+    if (p.pos < 0) {  // prefix token: identity rotation
       cs[d] = acc_t(1);
       sn[d] = acc_t(0);
     } else {
-      float y, x;
-      token_yx(pos, hp, wp, transform ? transform + img * g.transform_stride : nullptr, y, x);
       float s, c;
-      sincosf(channel_angle(d, quarter, y, x, freqs), &s, &c);
+      sincosf(channel_angle(d, quarter, p.y, p.x, freqs), &s, &c);
       cs[d] = c;
       sn[d] = g.inverse ? -s : s;
     }

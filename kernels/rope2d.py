@@ -43,6 +43,16 @@ def rope_cos_sin(pos, hp, wp, t_row, inv_freq_ptr,
 
 
 @triton.jit
+def _rotate_head(src, dst, cos, sin, mask, HALF: tl.constexpr):
+    """One head of a [BLOCK_T, D] tile: channel d pairs with d + D/2; both are read before either
+    is written, so dst may alias src (in-place rope2d_)."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def rope2d_kernel(
     q_in, k_in, q_out, k_out,
     inv_freq_ptr, cu_seqlens_ptr, grids_ptr, coord_transform_ptr,
@@ -88,20 +98,10 @@ def rope2d_kernel(
     for hh in range(HEADS_PER_PROG):
         h = pid_h * HEADS_PER_PROG + hh
         hmask = mask & ((d * 0 + h) < n_heads)[None, :]  # vector compare: the interpreter rejects scalar-bool masks
-        # q: channel d pairs with d + D/2
-        src = q_in + b * sqi_b + tok64 * sqi_t + h * sqi_h + d[None, :]
-        dst = q_out + b * sqo_b + tok64 * sqo_t + h * sqo_h + d[None, :]
-        x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + 2 * QUARTER, mask=hmask, other=0.0).to(tl.float32)
-        tl.store(dst, (x1 * cos - x2 * sin).to(q_out.dtype.element_ty), mask=hmask)
-        tl.store(dst + 2 * QUARTER, (x2 * cos + x1 * sin).to(q_out.dtype.element_ty), mask=hmask)
-        # k
-        src = k_in + b * ski_b + tok64 * ski_t + h * ski_h + d[None, :]
-        dst = k_out + b * sko_b + tok64 * sko_t + h * sko_h + d[None, :]
-        x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + 2 * QUARTER, mask=hmask, other=0.0).to(tl.float32)
-        tl.store(dst, (x1 * cos - x2 * sin).to(k_out.dtype.element_ty), mask=hmask)
-        tl.store(dst + 2 * QUARTER, (x2 * cos + x1 * sin).to(k_out.dtype.element_ty), mask=hmask)
+        _rotate_head(q_in + b * sqi_b + tok64 * sqi_t + h * sqi_h + d[None, :],
+                     q_out + b * sqo_b + tok64 * sqo_t + h * sqo_h + d[None, :], cos, sin, hmask, 2 * QUARTER)
+        _rotate_head(k_in + b * ski_b + tok64 * ski_t + h * ski_h + d[None, :],
+                     k_out + b * sko_b + tok64 * sko_t + h * sko_h + d[None, :], cos, sin, hmask, 2 * QUARTER)
 
 
 def launch_config(head_dim: int):

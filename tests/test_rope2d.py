@@ -258,6 +258,8 @@ def _bad_cases():
         ("N = num_prefix_tokens", lambda: dinofast.rope2d(q, k, (2, 4), num_prefix_tokens=5)),
         ("k", lambda: dinofast.rope2d(q, k.half(), (2, 3), num_prefix_tokens=5)),
         ("k", lambda: dinofast.rope2d(q, k[:, :1], (2, 3), num_prefix_tokens=5)),
+        ("k", lambda: dinofast.rope2d(q, k.to("meta"), (2, 3), num_prefix_tokens=5)),  # device mismatch
+        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu.to("meta"))),
         ("theta", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, theta=float("nan"))),
         ("theta", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, theta=float("inf"))),
         ("grids", lambda: dinofast.rope2d(q, k, (2, 3, 1), num_prefix_tokens=5)),
