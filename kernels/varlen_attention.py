@@ -45,8 +45,9 @@ def _load_halves(base, rows, row_mask, stride_t, seg_start, num_prefix_tokens, h
                                 HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
         # rounded to the input dtype, as rope2d's output would be: fused == rope2d + attention
-        x1 = x1.to(base.dtype.element_ty).to(tl.float32)
-        x2 = x2.to(base.dtype.element_ty).to(tl.float32)
+        # (returned in that dtype: the tensor-core dots take it as is)
+        x1 = x1.to(base.dtype.element_ty)
+        x2 = x2.to(base.dtype.element_ty)
     return x1, x2
 
 
@@ -73,7 +74,7 @@ def _dot(a, b, acc, LOW_PRECISION: tl.constexpr, like_ptr):
     if LOW_PRECISION:
         out = tl.dot(a.to(like_ptr.dtype.element_ty), b.to(like_ptr.dtype.element_ty), acc)
     else:
-        out = tl.dot(a, b, acc, input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return out
 
 

@@ -386,62 +386,43 @@ AOT_KERNELS = ["varlen_fwd_kernel", "varlen_bwd_dkdv_kernel", "varlen_bwd_dq_ker
 AOT_VARIANTS = [(kn, cap, D, dt) for kn in AOT_KERNELS for cap in (80, 90) for D in (64, 128)
                 for dt in ("float16", "bfloat16")]
 
-# Runs in a subprocess: kernels decorated under TRITON_INTERPRET=1 (set by conftest) cannot be
-# compiled for a GPU, so the compile happens in a fresh interpreter without it.
-_AOT_SCRIPT = r"""
-import json, sys, tempfile
-from dinofast.kernels import varlen_attention as K
-from tests.aot import TRITON_DTYPE, compile_kernel
-
-results = {}
-for kernel_name, capability, D, dtype in json.loads(sys.argv[1]):
-    kernel = getattr(K, kernel_name)
-    t = TRITON_DTYPE[dtype]
-    f32 = {"lse_ptr", "delta_ptr", "inv_freq_ptr", "coord_transform_ptr"}
-    i32 = {"cu_seqlens_ptr", "grids_ptr"}
-    pointers = {a: ("*fp32" if a in f32 else "*i32" if a in i32 else "*" + t)
-                for a in kernel.arg_names if a.endswith("_ptr")}
-    pointers.update(qk_scale_log2="fp32", softmax_scale="fp32")
-    fwd = kernel_name == "varlen_fwd_kernel"
-    block_m, block_n, num_warps, num_stages = (K.forward_config if fwd else K.backward_config)(D)
-    constexprs = dict(ROPE=True, HAS_TRANSFORM=True, HEAD_DIM=D, HALF_PAD=K.half_pad(D), BLOCK_M=block_m,
-                      BLOCK_N=block_n, LOW_PRECISION=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        c = compile_kernel(kernel, pointers, constexprs, capability, tmp, num_warps=num_warps,
-                           num_stages=num_stages)
-    key = "%s/%d/%d/%s" % (kernel_name, capability, D, dtype)
-    results[key] = dict(summary=c.summary(), shared=c.shared, spill_stores=c.spill_stores,
-                        spill_loads=c.spill_loads, wgmma="wgmma" in c.ptx, mma_sync="mma.sync" in c.ptx)
-print("AOT-RESULTS " + json.dumps(results))
-"""
-
 
 @pytest.fixture(scope="module")
 def aot_results():
-    import json
-    import os
-    import subprocess
-    import sys
+    """Every variant compiled once, in one subprocess (see tests/aot.py); RoPE and a coord
+    transform on: the superset path."""
+    from dinofast.kernels import varlen_attention as K
+    from tests.aot import TRITON_DTYPE, compile_specs
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(AOT_VARIANTS)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT-RESULTS ")][-1]
-    return json.loads(line[len("AOT-RESULTS "):])
+    specs = []
+    for kernel_name, cap, D, dtype in AOT_VARIANTS:
+        t = "*" + TRITON_DTYPE[dtype]
+        f32 = {"lse_ptr", "delta_ptr", "inv_freq_ptr", "coord_transform_ptr"}
+        i32 = {"cu_seqlens_ptr", "grids_ptr"}
+        arg_names = getattr(K, kernel_name).arg_names
+        pointers = {a: ("*fp32" if a in f32 else "*i32" if a in i32 else t) for a in arg_names if a.endswith("_ptr")}
+        pointers.update(qk_scale_log2="fp32", softmax_scale="fp32")
+        fwd = kernel_name == "varlen_fwd_kernel"
+        block_m, block_n, num_warps, num_stages = (K.forward_config if fwd else K.backward_config)(D)
+        specs.append(dict(
+            module="dinofast.kernels.varlen_attention", kernel=kernel_name, capability=cap, num_warps=num_warps,
+            num_stages=num_stages, name=f"{kernel_name}[{dtype}, D={D}]", pointers=pointers,
+            constexprs=dict(ROPE=True, HAS_TRANSFORM=True, HEAD_DIM=D, HALF_PAD=K.half_pad(D), BLOCK_M=block_m,
+                            BLOCK_N=block_n, LOW_PRECISION=True)))
+    return dict(zip(AOT_VARIANTS, compile_specs(specs)))
 
 
-@pytest.mark.parametrize("kernel_name, capability, D, dtype", AOT_VARIANTS,
-                         ids=[f"{k.split('_', 1)[1]}-sm{c}-D{d}-{t}" for k, c, d, t in AOT_VARIANTS])
-def test_aot_compile(aot_results, kernel_name, capability, D, dtype):
+@pytest.mark.parametrize("variant", AOT_VARIANTS, ids=[f"{k.split('_', 1)[1]}-sm{c}-D{d}-{t}" for k, c, d, t in AOT_VARIANTS])
+def test_aot_compile(aot_results, variant):
     from tests.aot import SHARED_MEMORY_LIMIT
 
-    r = aot_results[f"{kernel_name}/{capability}/{D}/{dtype}"]
-    assert r["shared"] <= SHARED_MEMORY_LIMIT[capability], r["summary"]
-    if kernel_name == "varlen_fwd_kernel":
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r["summary"]
-        if capability == 90:
-            assert r["wgmma"], "the sm_90 forward must use wgmma tensor-core instructions: " + r["summary"]
+    c = aot_results[variant]
+    print(c.summary())
+    assert c.shared <= SHARED_MEMORY_LIMIT[c.capability], c.summary()
+    assert f".target sm_{c.capability}" in c.ptx
+    if variant[0] == "varlen_fwd_kernel":
+        assert c.spill_stores == 0 and c.spill_loads == 0, c.summary()
+        if c.capability == 90:
+            assert "wgmma" in c.ptx, "the sm_90 forward must use wgmma tensor-core instructions: " + c.summary()
         else:
-            assert r["mma_sync"], r["summary"]
+            assert "mma.sync" in c.ptx, c.summary()
