@@ -141,6 +141,17 @@ def test_state_dict_round_trip_between_patched_and_plain():
     assert max_diff(run(patched, x).last_hidden_state, run(plain, x).last_hidden_state) <= MODEL_ATOL
 
 
+def test_model_built_in_inference_mode():
+    with torch.inference_mode():
+        model = random_model(layers=1)
+        x = torch.stack(images([(32, 48)] * 2))
+        ref = model(x).last_hidden_state
+        out = dinofast.patch_dinov3(model)(x).last_hidden_state
+        feats = dinofast.encode_packed(model, list(x))
+    assert max_diff(out, ref) <= MODEL_ATOL
+    assert max_diff(feats[1].patches.flatten(0, 1), ref[1, 5:]) <= MODEL_ATOL
+
+
 def test_deepcopy_of_patched_model_stays_patched():
     model = dinofast.patch_dinov3(random_model(layers=1))
     clone = copy.deepcopy(model)

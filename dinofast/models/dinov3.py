@@ -75,7 +75,8 @@ def _stored_periods(rope_module) -> Optional[Tensor]:
     theta, bit for bit), else the periods 1/inv_freq (e.g. loaded from a checkpoint).
     Cached per inv_freq version so a forward costs no host sync."""
     inv = rope_module.inv_freq
-    key = (inv.data_ptr(), inv._version, inv.device)
+    # (inference tensors have no version counter: they cannot be modified outside inference mode)
+    key = (inv.data_ptr(), -1 if inv.is_inference() else inv._version, inv.device)
     cached = rope_module.__dict__.get("_dinofast_periods")
     if cached is not None and cached[0] == key:
         return cached[1]
