@@ -2,7 +2,6 @@
 run one at a time vs encode_packed. Random ViT-S / ViT-B weights (nothing downloaded).
 
     pytest benchmarks/test_dinov3.py --benchmark-only
-    DINOFAST_BENCH_ROUNDS=5 ...            rounds per row (default 3, after one warm-up round)
     DINOFAST_BENCH_MODELS=B ...            only ViT-B (default: S,B)
 
 Targets (CPU, recorded in benchmarks/README.md): patched ViT-B >= 1.15x transformers at 768;
@@ -18,7 +17,6 @@ import dinofast
 from benchmarks.conftest import DEVICE
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-ROUNDS = int(os.environ.get("DINOFAST_BENCH_ROUNDS", "3"))  # whole-model forwards take seconds on CPU
 VARIANTS = {"S": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),
             "B": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)}
 MODELS = [m for m in os.environ.get("DINOFAST_BENCH_MODELS", "S,B").split(",") if m in VARIANTS]
@@ -61,7 +59,7 @@ def test_forward(bench, variant, size, impl):
     (dinofast.patch_dinov3 if impl == "dinofast-patched" else dinofast.unpatch_dinov3)(model)
     x = torch.randn(1, 3, *size, device=DEVICE, dtype=DTYPE)
     try:
-        bench(inference(lambda: model(x)), f"dinov3 forward ViT-{variant} {size[0]}x{size[1]} B=1", rounds=ROUNDS)
+        bench(inference(lambda: model(x)), f"dinov3 forward ViT-{variant} {size[0]}x{size[1]} B=1")
     finally:
         dinofast.unpatch_dinov3(model)
 
@@ -80,6 +78,6 @@ def test_mixed_batch(bench, benchmark, variant, impl):
             dinofast.patch_dinov3(model)
         fn = lambda: [model(img[None]) for img in images]  # noqa: E731
     try:
-        bench(inference(fn), f"dinov3 8 mixed images ViT-{variant}", rounds=ROUNDS)
+        bench(inference(fn), f"dinov3 8 mixed images ViT-{variant}")
     finally:
         dinofast.unpatch_dinov3(model)
