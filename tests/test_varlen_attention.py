@@ -403,7 +403,7 @@ def aot_results():
         pointers = {a: ("*fp32" if a in f32 else "*i32" if a in i32 else t) for a in arg_names if a.endswith("_ptr")}
         pointers.update(qk_scale_log2="fp32", softmax_scale="fp32")
         fwd = kernel_name == "varlen_fwd_kernel"
-        block_m, block_n, num_warps, num_stages = (K.forward_config if fwd else K.backward_config)(D)
+        block_m, block_n, num_warps, num_stages = (K.forward_config if fwd else K.backward_config)(D, interpreted=False)
         specs.append(dict(
             module="dinofast.kernels.varlen_attention", kernel=kernel_name, capability=cap, num_warps=num_warps,
             num_stages=num_stages, name=f"{kernel_name}[{dtype}, D={D}]", pointers=pointers,
