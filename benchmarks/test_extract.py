@@ -111,7 +111,7 @@ def test_extract_transformers_per_image(benchmark, vit_s_dir, image_dir, tmp_pat
 def test_extract_dinofast_packed(benchmark, vit_s_dir, image_dir, tmp_path):
     _bench(benchmark, packed_extract, vit_s_dir, image_dir, tmp_path, "dinofast extract (packed)")
     if "transformers per image" not in _medians:
-        pytest.skip("the speedup needs the per-image row from the same session")
+        pytest.skip(reason="the speedup needs the per-image row from the same session")
     ratio = _medians["transformers per image"] / _medians["dinofast extract (packed)"]
     benchmark.extra_info["speedup_vs_per_image"] = ratio
     print(f"speedup packed vs per image: {ratio:.2f}x (target {TARGET}x)")

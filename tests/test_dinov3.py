@@ -277,7 +277,7 @@ def test_not_a_dinov3_model():
 ])
 def test_encode_packed_bad_input(case, match):
     if DEVICE.type != "cpu" and case == "device":
-        pytest.skip("written for CPU images")
+        pytest.skip(reason="written for CPU images")
     model = random_model()
     good = images([(32, 32)])[0]
     bad = {
