@@ -9,6 +9,8 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch; assert 
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q torch==2.14.1 ninja pybind11 numpy setuptools wheel
 fi
+# dinofast's runtime dependencies (importing dinofast imports its data and model layers too)
+"$venv/bin/pip" install -q Pillow safetensors tqdm transformers
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
 # Build from a copy of the tracked files: the in-tree dinofast/_C belongs to the CPU venv.
