@@ -5,6 +5,8 @@ from dinofast._backend import (  # noqa: F401
     available_backends,
     backend,
 )
+from dinofast._debug import debug_checks  # noqa: F401
+from dinofast._layout import PackedLayout  # noqa: F401
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_  # noqa: F401
 from dinofast.ops.varlen_attention import (  # noqa: F401
     flash_attn_varlen_func,

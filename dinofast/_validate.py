@@ -1,9 +1,9 @@
 """Input checks shared by every op: each failure is a ValueError naming the argument, what was
 expected and what came.
 
-Two kinds of checks: `check_*` look only at shapes/dtypes/devices and are safe under torch.compile
-tracing; `read_packed` reads the values of cu_seqlens/grids (a host sync on CUDA) and is called
-inside the custom ops, where tensors are real.
+Checks look at shapes/dtypes/devices (safe under torch.compile tracing, free on any device) or at
+host values (Python ints: a dinofast.PackedLayout, or what the debug switch read back, see
+dinofast._debug). Nothing here reads a device tensor.
 """
 from __future__ import annotations
 
@@ -58,26 +58,19 @@ def check_positive_int(x, arg: str) -> None:
 
 
 def check_grid(grid, arg: str = "grids") -> Tuple[int, int]:
-    """A batched grid: (Hp, Wp), two positive ints."""
-    if isinstance(grid, torch.Tensor):
-        grid = tuple(int(v) for v in grid.tolist())
+    """A batched grid: (Hp, Wp), two positive Python ints (a tensor would need a host sync)."""
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
     ):
-        fail(arg, "(Hp, Wp), two positive ints", grid)
+        fail(arg, "(Hp, Wp), two positive Python ints", grid)
     return int(grid[0]), int(grid[1])
 
 
 def check_packed_meta(cu_seqlens, grids, total: int, device: torch.device) -> int:
     """Shape/dtype/device of packed metadata; returns the number of images n."""
-    check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32,))
-    if cu_seqlens.numel() < 2:
-        fail("cu_seqlens", "int32 [n+1] with n >= 1", f"shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != device:
-        fail("cu_seqlens", f"device {device}", cu_seqlens.device)
-    n = cu_seqlens.numel() - 1
+    n = check_cu_seqlens(cu_seqlens, device)
     check_tensor(grids, "grids", ndim=2, dtypes=(torch.int32,))
     if grids.shape != (n, 2):
         fail("grids", f"int32 [n, 2] with n = {n} (len(cu_seqlens) - 1)", f"shape {tuple(grids.shape)}")
@@ -86,37 +79,45 @@ def check_packed_meta(cu_seqlens, grids, total: int, device: torch.device) -> in
     return n
 
 
-def read_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> List[int]:
-    """Host copy of cu_seqlens, checked: starts at 0, non-decreasing, ends at `total`."""
-    cu = cu_seqlens.tolist()
+# Value checks on host copies (Python ints): a PackedLayout given by the caller, or, under the debug
+# switch, what dinofast._debug read back from the device tensors. Never a device read here.
+def check_cu_values(cu: Sequence[int], total: int, arg: str = "cu_seqlens") -> None:
+    """cu: starts at 0, non-decreasing, ends at `total`."""
     if cu[0] != 0:
-        fail("cu_seqlens", "cu_seqlens[0] == 0", cu[0])
+        fail(arg, f"{arg}[0] == 0", cu[0])
     for i in range(len(cu) - 1):
         if cu[i + 1] < cu[i]:
-            fail("cu_seqlens", "non-decreasing values", f"cu_seqlens[{i}]={cu[i]} > cu_seqlens[{i + 1}]={cu[i + 1]}")
+            fail(arg, "non-decreasing values", f"{arg}[{i}]={cu[i]} > {arg}[{i + 1}]={cu[i + 1]}")
     if cu[-1] != total:
-        fail("cu_seqlens", f"cu_seqlens[-1] == {total} (total tokens)", cu[-1])
-    return cu
+        fail(arg, f"{arg}[-1] == {total} (total tokens)", cu[-1])
 
 
-def read_packed(
-    cu_seqlens: torch.Tensor, grids: torch.Tensor, total: int, num_prefix_tokens: int
-) -> Tuple[List[int], List[Tuple[int, int]]]:
-    """Host copies of cu_seqlens and grids, checked against each other: every segment holds
-    num_prefix_tokens + Hp*Wp tokens."""
-    cu = read_cu_seqlens(cu_seqlens, total)
-    hw = [tuple(g) for g in grids.tolist()]
+def check_grid_values(cu: Sequence[int], hw: Sequence[Tuple[int, int]], num_prefix_tokens: int,
+                      arg: str = "cu_seqlens", grids_arg: str = "grids") -> None:
+    """Every grid positive and segment i holding num_prefix_tokens + Hp*Wp tokens."""
     for i, (hp, wp) in enumerate(hw):
         if hp <= 0 or wp <= 0:
-            fail("grids", f"positive (Hp, Wp) for image {i}", (hp, wp))
+            fail(grids_arg, f"positive (Hp, Wp) for image {i}", (hp, wp))
         if cu[i + 1] - cu[i] != num_prefix_tokens + hp * wp:
             fail(
-                "cu_seqlens",
+                arg,
                 f"segment {i} of num_prefix_tokens + Hp*Wp = {num_prefix_tokens} + {hp}*{wp} = "
                 f"{num_prefix_tokens + hp * wp} tokens",
                 cu[i + 1] - cu[i],
             )
-    return cu, hw
+
+
+def check_packed_values(cu: Sequence[int], hw: Optional[Sequence[Tuple[int, int]]], total: int,
+                        num_prefix_tokens: int) -> None:
+    """Host copies of cu_seqlens and (when given) grids, checked alone and against each other."""
+    check_cu_values(cu, total)
+    if hw is not None:
+        check_grid_values(cu, hw, num_prefix_tokens)
+
+
+def check_max_seqlen(max_seqlen: int, longest: int, where: str = "") -> None:
+    if max_seqlen < longest:
+        fail("max_seqlen", f">= the longest segment ({longest} tokens{where})", max_seqlen)
 
 
 def max_len(cu: Sequence[int]) -> int:
@@ -124,7 +125,7 @@ def max_len(cu: Sequence[int]) -> int:
 
 
 def check_cu_seqlens(cu_seqlens, device: torch.device) -> int:
-    """cu_seqlens: int32 [n+1], n >= 1, on `device`; returns n (values: read_cu_seqlens)."""
+    """cu_seqlens: int32 [n+1], n >= 1, on `device`; returns n (values: check_cu_values)."""
     check_tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 2:
         fail("cu_seqlens", "int32 [n+1] with n >= 1", f"shape {tuple(cu_seqlens.shape)}")

@@ -89,3 +89,12 @@ def make_cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
 def randn(*shape, dtype=torch.float32, device=DEVICE, seed=None):
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def with_debug_checks(call):
+    """call() under dinofast.debug_checks(): for bad values in device metadata, which the ops read
+    back (and so can raise a ValueError about) only when the debug switch is on."""
+    def run():
+        with dinofast.debug_checks():
+            return call()
+    return run

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import dinofast
 from dinofast.reference.pixel_shuffle_project import (
     pixel_shuffle, pixel_shuffle_project_reference, shuffle_source_rows)
-from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn
+from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn, with_debug_checks
 
 # (grid, factor): rectangles for every s in {1, 2, 3, 4}
 GRIDS = [((3, 5), 1), ((4, 6), 2), ((6, 3), 3), ((8, 4), 4)]
@@ -357,12 +357,15 @@ def _bad_cases():
         # packed metadata
         (r"cu_seqlens", lambda: op(px, pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu.long())),
         (r"cu_seqlens.*segment 0 of num_prefix_tokens \+ Hp\*Wp = 5 \+ 4\*6 = 29 tokens.*30",
-         lambda: op(px, pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=bad_cu)),
+         with_debug_checks(lambda: op(px, pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=bad_cu))),
         (r"cu_seqlens", lambda: op(px, pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu[:-1])),
-        (r"cu_seqlens\[-1\] == 37", lambda: op(px[:-1], pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
+        (r"x: expected T - n\*num_prefix_tokens = 37 - 2\*5 patch tokens, a multiple of factor\^2 = 4",
+         lambda: op(px[:-1], pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
+        (r"cu_seqlens\[-1\] == 34", with_debug_checks(lambda: op(px[:-4], pw, grids=g, factor=2, num_prefix_tokens=5,
+                                                                  cu_seqlens=cu))),
         (r"grids.*image 1 both divisible by factor 2.*\(1, 4\)",
-         lambda: op(px, pw, grids=torch.tensor([[4, 6], [1, 4]], dtype=torch.int32, device=DEVICE), factor=2,
-                    num_prefix_tokens=5, cu_seqlens=cu)),
+         with_debug_checks(lambda: op(px, pw, grids=torch.tensor([[4, 6], [1, 4]], dtype=torch.int32, device=DEVICE),
+                                      factor=2, num_prefix_tokens=5, cu_seqlens=cu))),
         (r"grids", lambda: op(px, pw, grids=g[:1], factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
         (r"grids", lambda: op(px, pw, grids=g.long(), factor=2, num_prefix_tokens=5, cu_seqlens=cu)),
         (r"x: expected a 2-D", lambda: op(px[None], pw, grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)),

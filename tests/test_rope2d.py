@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 import dinofast
 from dinofast.reference.rope2d import inv_freq, rope2d_reference
-from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn
+from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn, with_debug_checks
 
 GRIDS = [(4, 4), (3, 7), (1, 6), (6, 1), (1, 1)]
 
@@ -266,10 +266,14 @@ def _bad_cases():
         ("periods", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, periods=torch.ones(8))),
         ("num_prefix_tokens", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=-1)),
         ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu.long())),
-        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu + 1)),
-        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu.flip(0))),
+        # bad values in device metadata: read back only under the debug switch
+        ("cu_seqlens", with_debug_checks(lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5,
+                                                                 cu_seqlens=cu + 1))),
+        ("cu_seqlens", with_debug_checks(lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5,
+                                                                 cu_seqlens=cu.flip(0)))),
         ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu[:-1])),
-        ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=bad_cu)),
+        ("cu_seqlens", with_debug_checks(lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5,
+                                                                 cu_seqlens=bad_cu))),
         ("grids", lambda: dinofast.rope2d(pq, pk, g[:1], num_prefix_tokens=5, cu_seqlens=cu)),
         ("grids", lambda: dinofast.rope2d(pq, pk, g.long(), num_prefix_tokens=5, cu_seqlens=cu)),
         ("coord_transform", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu,

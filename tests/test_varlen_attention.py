@@ -10,7 +10,7 @@ import dinofast
 from dinofast import _backend
 from dinofast.reference.rope2d import rope2d_reference
 from dinofast.reference.varlen_attention import dense_masked_attention, varlen_attention_reference
-from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn
+from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn, with_debug_checks
 
 # Segment lengths: 1-token segments, lengths off every block size (16 interpreted, 64/128 on GPU,
 # 128/256/512 in C++), an empty segment, a single segment, 100 tiny segments.
@@ -258,7 +258,8 @@ def test_flash_attn_varlen_func_refuses_cross_attention():
     q, k, v, cu = packed_qkv([4, 5], 2, 64)
     cu_k = make_cu_seqlens([5, 4])
     with pytest.raises(NotImplementedError, match="different q and k lengths"):
-        dinofast.flash_attn_varlen_func(q, k, v, cu, cu_k, 5, 5)
+        with dinofast.debug_checks():  # same shapes, different values: seen only by reading them
+            dinofast.flash_attn_varlen_func(q, k, v, cu, cu_k, 5, 5)
     with pytest.raises(NotImplementedError, match="different q and k lengths"):
         dinofast.flash_attn_varlen_func(q, k[:8], v[:8], cu, make_cu_seqlens([4, 4]), 5, 4)
     with pytest.raises(NotImplementedError, match="MQA/GQA"):
@@ -327,16 +328,16 @@ def _bad_cases():
         ("head dim", lambda: va(*(torch.randn(10, 1, 264, device=DEVICE) for _ in range(3)), cu, 6)),
         ("cu_seqlens", lambda: va(q, k, v, cu.long(), 6)),
         ("cu_seqlens", lambda: va(q, k, v, cu[:1], 6)),
-        ("cu_seqlens", lambda: va(q, k, v, cu + 1, 6)),
-        ("cu_seqlens", lambda: va(q, k, v, bad_sum, 6)),
-        ("cu_seqlens", lambda: va(q, k, v, decreasing, 6)),
-        ("max_seqlen", lambda: va(q, k, v, cu, 5)),
+        ("cu_seqlens", with_debug_checks(lambda: va(q, k, v, cu + 1, 6))),
+        ("cu_seqlens", with_debug_checks(lambda: va(q, k, v, bad_sum, 6))),
+        ("cu_seqlens", with_debug_checks(lambda: va(q, k, v, decreasing, 6))),
+        ("max_seqlen", with_debug_checks(lambda: va(q, k, v, cu, 5))),
         ("max_seqlen", lambda: va(q, k, v, cu, -1)),
         ("softmax_scale", lambda: va(q, k, v, cu, 6, softmax_scale=float("nan"))),
         ("softmax_scale", lambda: va(q, k, v, cu, 6, softmax_scale=0.0)),
         ("rope", lambda: va(q, k, v, cu, 6, rope=(g, 1))),
         ("grids", lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g[:1], 1))),
-        ("cu_seqlens", lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g, 2))),
+        ("cu_seqlens", with_debug_checks(lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g, 2)))),
         ("rope.periods", lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g, 1, periods=torch.ones(8)))),
         ("rope.coord_transform",
          lambda: va(q, k, v, cu, 6, rope=dinofast.RopeSpec(g, 1, coord_transform=torch.ones(3, 4)))),
@@ -353,7 +354,11 @@ def test_bad_input_raises_value_error(backend_name, case):
 def test_max_seqlen_error_names_the_numbers():
     q, k, v, cu = packed_qkv([4, 6], 2, 64)
     with pytest.raises(ValueError, match=r"max_seqlen: expected >= the longest segment \(6 tokens\), got 5"):
-        dinofast.varlen_attention(q, k, v, cu, 5)
+        with dinofast.debug_checks():
+            dinofast.varlen_attention(q, k, v, cu, 5)
+    with pytest.raises(ValueError, match=r"max_seqlen: expected >= the longest segment \(6 tokens, from layout\), "
+                       "got 5"):
+        dinofast.varlen_attention(q, k, v, cu, 5, layout=dinofast.PackedLayout.from_lengths([4, 6]))
 
 
 def test_cpp_checks_its_inputs():

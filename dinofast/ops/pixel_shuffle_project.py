@@ -10,14 +10,18 @@ reference does: it is the oracle).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from dinofast import _debug
 from dinofast import _validate as V
 from dinofast._backend import dispatch, empty_output
+from dinofast._layout import PackedLayout, check_layout, flatten_layout, grids_on, unflatten_layout
+from dinofast.ops._eager import direct_call_ok
 from dinofast.reference.pixel_shuffle_project import pixel_shuffle, pixel_unshuffle
+from dinofast.reference.rope2d import host_ints
 
 
 def shuffled_grid(Hp: int, Wp: int, factor: int) -> Tuple[int, int]:
@@ -36,7 +40,7 @@ def shuffled_grid(Hp: int, Wp: int, factor: int) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 class Meta(NamedTuple):
     """Geometry every backend receives. packed: cu_seqlens/grids/out_cu_seqlens are int32 tensors on
-    x's device and `images` their host copy [(token start, Hp, Wp, row start)]; batched: hw."""
+    x's device and `host` the caller's PackedLayout or None; batched: hw."""
 
     cu_seqlens: Optional[Tensor]
     grids: Optional[Tensor]
@@ -44,7 +48,20 @@ class Meta(NamedTuple):
     hw: Tuple[int, int]
     factor: int
     num_prefix_tokens: int
-    images: Optional[list]
+    host: Optional[PackedLayout]
+
+
+def _reference_images(meta: Meta) -> list:
+    """[(token start, Hp, Wp, row start)] per image, from the host layout when the caller gave one
+    (else the oracle reads the device tensors)."""
+    host = meta.host
+    cu = host_ints(meta.cu_seqlens if host is None else host.cu_seqlens)
+    hw = host_ints(meta.grids if host is None or host.grids is None else host.grids)
+    images, rows = [], 0
+    for t0, (hp, wp) in zip(cu, hw):
+        images.append((t0, hp, wp, rows))
+        rows += (hp // meta.factor) * (wp // meta.factor)
+    return images
 
 
 def _reference_shuffled(x: Tensor, meta: Meta) -> Tensor:
@@ -52,7 +69,8 @@ def _reference_shuffled(x: Tensor, meta: Meta) -> Tensor:
     s, P = meta.factor, meta.num_prefix_tokens
     if meta.cu_seqlens is None:
         return pixel_shuffle(x, *meta.hw, s, P).flatten(0, 1)
-    return torch.cat([pixel_shuffle(x[:, t0:t0 + P + hp * wp], hp, wp, s, P)[0] for t0, hp, wp, _ in meta.images])
+    return torch.cat([pixel_shuffle(x[:, t0:t0 + P + hp * wp], hp, wp, s, P)[0]
+                      for t0, hp, wp, _ in _reference_images(meta)])
 
 
 def _wide(*ts):
@@ -80,7 +98,7 @@ def _reference_backward(grad_y, x, weight, grad_x, grad_weight, grad_bias, meta:
             grad_x[:, :P] = 0
             grad_x[:, P:] = pixel_unshuffle(grad_a.view(x.shape[0], -1, grad_a.shape[1]), *meta.hw, s)
         else:
-            for t0, hp, wp, m0 in meta.images:
+            for t0, hp, wp, m0 in _reference_images(meta):
                 g = (hp // s) * (wp // s)
                 grad_x[0, t0:t0 + P] = 0
                 grad_x[0, t0 + P:t0 + P + hp * wp] = pixel_unshuffle(grad_a[None, m0:m0 + g], hp, wp, s)[0]
@@ -125,22 +143,36 @@ IMPLS = {
 }
 
 
-def _meta(x, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, P) -> Tuple[Meta, int]:
-    """The backends' Meta and the number of output rows M. Packed metadata values are read and
-    checked here, where tensors are real (a host sync on CUDA)."""
+def packed_rows(x: Tensor, cu_seqlens: Tensor, factor: int, num_prefix_tokens: int):
+    """Output rows M of a packed call from shapes alone: every image holds P + Hp*Wp tokens with
+    factor | Hp, Wp, so M = sum Gh*Gw = (T - n*P) / factor^2 (no device read)."""
+    n = cu_seqlens.shape[0] - 1
+    patches = x.shape[0] - n * num_prefix_tokens
+    return patches // (factor * factor), patches
+
+
+def _meta(x, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, P, host) -> Tuple[Meta, int]:
+    """The backends' Meta and the number of output rows M (under the debug switch, the packed
+    metadata values are read back and checked here)."""
     if cu_seqlens is None:
         return Meta(None, None, None, (hp, wp), factor, P, None), x.shape[0] * (hp // factor) * (wp // factor)
-    cu, hw = V.read_packed(cu_seqlens, grids, x.shape[0], P)
-    images, rows = [], 0
+    if _debug.enabled():
+        _debug.check_device_metadata(cu_seqlens, grids, x.shape[0], P, host)
+        _, hw = _debug.read_device_metadata(cu_seqlens, grids)
+        check_divisible(hw, factor)
+        want = [0]
+        for h, w in hw:
+            want.append(want[-1] + (h // factor) * (w // factor))
+        got = _debug.read_device_ints(out_cu_seqlens)
+        if got != want:
+            V.fail("out_cu_seqlens", f"{want} (cumulated Gh*Gw)", got)
+    return Meta(cu_seqlens, grids, out_cu_seqlens, (0, 0), factor, P, host), packed_rows(x, cu_seqlens, factor, P)[0]
+
+
+def check_divisible(hw, factor: int, arg: str = "grids") -> None:
     for i, (h, w) in enumerate(hw):
         if h % factor or w % factor:
-            V.fail("grids", f"(Hp, Wp) of image {i} both divisible by factor {factor}", (h, w))
-        images.append((cu[i], h, w, rows))
-        rows += (h // factor) * (w // factor)
-    want = [r for _, _, _, r in images] + [rows]
-    if out_cu_seqlens.tolist() != want:
-        V.fail("out_cu_seqlens", f"{want} (cumulated Gh*Gw)", out_cu_seqlens.tolist())
-    return Meta(cu_seqlens, grids, out_cu_seqlens, (0, 0), factor, P, images), rows
+            V.fail(arg, f"(Hp, Wp) of image {i} both divisible by factor {factor}", (h, w))
 
 
 def _x3(x: Tensor) -> Tensor:
@@ -151,12 +183,9 @@ def _x3(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # torch.library registration: opaque to torch.compile, with fake and autograd kernels.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("dinofast::pixel_shuffle_project", mutates_args=())
-def _psp_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], cu_seqlens: Optional[Tensor], grids: Optional[Tensor],
-    out_cu_seqlens: Optional[Tensor], hp: int, wp: int, factor: int, num_prefix_tokens: int,
-) -> Tensor:
-    meta, M = _meta(x, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens)
+def _forward(x, weight, bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens, host) -> Tensor:
+    """The forward on real tensors (eager, or inside the registered op)."""
+    meta, M = _meta(x, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens, host)
     impl = dispatch(IMPLS, x.device, "pixel_shuffle_project")
     y = empty_output(x, (M, weight.shape[0]))
     if y.numel():
@@ -164,22 +193,34 @@ def _psp_op(
     return y if cu_seqlens is not None else y.view(x.shape[0], -1, weight.shape[0])
 
 
+@torch.library.custom_op("dinofast::pixel_shuffle_project", mutates_args=())
+def _psp_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], cu_seqlens: Optional[Tensor], grids: Optional[Tensor],
+    out_cu_seqlens: Optional[Tensor], hp: int, wp: int, factor: int, num_prefix_tokens: int,
+    host_cu_seqlens: Optional[List[int]], host_grids: Optional[List[int]],
+) -> Tensor:
+    return _forward(x, weight, bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens,
+                    unflatten_layout(host_cu_seqlens, host_grids, num_prefix_tokens))
+
+
 @_psp_op.register_fake
-def _(x, weight, bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens):
+def _(x, weight, bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens, host_cu_seqlens,
+      host_grids):
     if cu_seqlens is None:
         return x.new_empty(x.shape[0], (hp // factor) * (wp // factor), weight.shape[0])
-    rows = torch.library.get_ctx().new_dynamic_size()  # sum of Gh*Gw: known only from grids' values
-    return x.new_empty(rows, weight.shape[0])
+    return x.new_empty(packed_rows(x, cu_seqlens, factor, num_prefix_tokens)[0], weight.shape[0])
 
 
 @torch.library.custom_op("dinofast::pixel_shuffle_project_backward", mutates_args=())
 def _psp_backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor, cu_seqlens: Optional[Tensor], grids: Optional[Tensor],
     out_cu_seqlens: Optional[Tensor], hp: int, wp: int, factor: int, num_prefix_tokens: int,
-    need_x: bool, need_weight: bool, need_bias: bool,
+    need_x: bool, need_weight: bool, need_bias: bool, host_cu_seqlens: Optional[List[int]],
+    host_grids: Optional[List[int]],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias); those not needed come back as empty [0] tensors."""
-    meta, _ = _meta(x, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens)
+    meta, _ = _meta(x, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens,
+                    unflatten_layout(host_cu_seqlens, host_grids, num_prefix_tokens))
     impl = dispatch(IMPLS, x.device, "pixel_shuffle_project")
     grad_x = empty_output(x, x.shape) if need_x else x.new_empty(0)
     grad_weight = empty_output(weight, weight.shape) if need_weight else x.new_empty(0)
@@ -194,16 +235,17 @@ def _psp_backward_op(
 
 @_psp_backward_op.register_fake
 def _(grad_y, x, weight, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, num_prefix_tokens,
-      need_x, need_weight, need_bias):
+      need_x, need_weight, need_bias, host_cu_seqlens, host_grids):
     return (torch.empty_like(x) if need_x else x.new_empty(0),
             torch.empty_like(weight) if need_weight else x.new_empty(0),
             weight.new_empty(weight.shape[0]) if need_bias else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, P = inputs
+    x, weight, bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, P, host_cu, host_grids = inputs
     ctx.save_for_backward(x, weight, cu_seqlens, grids, out_cu_seqlens)
     ctx.hp, ctx.wp, ctx.factor, ctx.P, ctx.has_bias = hp, wp, factor, P, bias is not None
+    ctx.host = (host_cu, host_grids)
 
 
 def _backward(ctx, grad_y):
@@ -214,9 +256,9 @@ def _backward(ctx, grad_y):
         ctx.has_bias and ctx.needs_input_grad[2])
     grad_x, grad_weight, grad_bias = _psp_backward_op(
         grad_y, x, weight, cu_seqlens, grids, out_cu_seqlens, ctx.hp, ctx.wp, ctx.factor, ctx.P,
-        need_x, need_weight, need_bias)
+        need_x, need_weight, need_bias, *ctx.host)
     return (grad_x if need_x else None, grad_weight if need_weight else None, grad_bias if need_bias else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _psp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -229,8 +271,9 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens):
-    """Shape/dtype/device checks (safe under torch.compile tracing) and the op's arguments."""
+def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layout) -> tuple:
+    """Shape/dtype/device checks and host-layout checks (no device read; safe under torch.compile
+    tracing) and the op's arguments (the last one: the layout)."""
     packed = cu_seqlens is not None
     V.check_tensor(x, "x", ndim=2 if packed else 3, dtypes=V.FLOAT_DTYPES)
     V.check_tensor(weight, "weight", ndim=2)
@@ -250,9 +293,22 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens):
             V.fail("bias", f"[out] = [{weight.shape[0]}] (weight's out-features)", f"shape {tuple(bias.shape)}")
         bias = bias.contiguous()
     if packed:
-        V.check_packed_meta(cu_seqlens, grids, x.shape[0], x.device)
+        if not isinstance(grids, Tensor):  # host (Hp, Wp) pairs: they are the layout
+            given = check_layout(layout, cu_seqlens, x.shape[0], "x.shape[0] (T)")
+            layout = PackedLayout.from_grids(grids, P)
+            if given is not None and given != layout:
+                V.fail("layout", f"the layout of grids {layout.grids}", given)
+            grids = grids_on(layout, x.device)
+        n = V.check_packed_meta(cu_seqlens, grids, x.shape[0], x.device)
+        check_layout(layout, cu_seqlens, x.shape[0], "x.shape[0] (T)", grids=grids, num_prefix_tokens=P)
+        if layout is not None:
+            check_divisible(layout.grids, s)
+        _, patches = packed_rows(x, cu_seqlens, s, P)
+        if patches < 0 or patches % (s * s):
+            V.fail("x", f"T - n*num_prefix_tokens = {x.shape[0]} - {n}*{P} patch tokens, a multiple of "
+                   f"factor^2 = {s * s} (every Hp, Wp divisible by factor)", f"shape {tuple(x.shape)}")
         hp = wp = 0
-        # rows per image: Gh*Gw from grids by tensor ops (traceable); values are checked in the op
+        # rows per image: Gh*Gw from grids by tensor ops (traceable, no device read)
         per_image = (grids[:, 0] // s) * (grids[:, 1] // s)
         out_cu_seqlens = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)]).to(torch.int32)
     else:
@@ -261,25 +317,31 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens):
         if x.shape[1] != P + hp * wp:
             V.fail("x", f"N = num_prefix_tokens + Hp*Wp = {P} + {hp}*{wp} = {P + hp * wp} tokens "
                    "(x is [B, N, D])", x.shape[1])
-        grids = out_cu_seqlens = None
-    return (_unit_stride(x), weight.contiguous(), bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, s, P)
+        grids = out_cu_seqlens = layout = None
+    return (_unit_stride(x), weight.contiguous(), bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, s, P, layout)
 
 
 def pixel_shuffle_project(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, grids, factor: int,
-    num_prefix_tokens: int = 0, cu_seqlens: Optional[Tensor] = None,
+    num_prefix_tokens: int = 0, cu_seqlens: Optional[Tensor] = None, layout: Optional[PackedLayout] = None,
 ):
     """Drop the prefix tokens, fold each factor x factor block of patch tokens into one token
     (pixel shuffle) and project it: y = shuffled(x) @ weight.T (+ bias). Differentiable in x,
     weight and bias; the shuffled tensor is never materialised.
 
     Batched: x [B, P + Hp*Wp, D], grids (Hp, Wp) -> y [B, Gh*Gw, out].
-    Packed:  x [T, D], cu_seqlens int32 [n+1], grids int32 [n, 2] per-image (Hp, Wp) ->
-             (y [sum_i Gh_i*Gw_i, out], out_cu_seqlens int32 [n+1]).
+    Packed:  x [T, D], cu_seqlens int32 [n+1], grids int32 [n, 2] per-image (Hp, Wp) on x's device
+             or a host list of (Hp, Wp) pairs -> (y [sum_i Gh_i*Gw_i, out], out_cu_seqlens int32 [n+1]).
+             layout: optional dinofast.PackedLayout (host cu_seqlens/grids, e.g. `pack(...).layout`),
+             checked against the tensors' shapes. The device values are never read back (no host
+             sync) unless dinofast.debug_checks() / DINOFAST_DEBUG_CHECKS=1 is on.
     weight [out, D*s*s] (nanoVLM's `proj.weight` layout: column (dy*s + dx)*D + d), bias [out].
     s = factor divides every Hp and Wp; Gh = Hp/s, Gw = Wp/s (see dinofast.shuffled_grid).
     dtypes fp32, fp16, bf16 (fp64 too), all the same; accumulation in fp32.
     """
-    args = _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens)
-    y = _psp_op(*args)
+    args = _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layout)
+    if direct_call_ok(args[0], args[1], args[2]):
+        y = _forward(*args)
+    else:
+        y = _psp_op(*args[:-1], *flatten_layout(args[-1]))
     return (y, args[5]) if cu_seqlens is not None else y

@@ -60,6 +60,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def host_ints(x) -> list:
+    """A host list of x: a tensor's values (read back; the oracle may), or a sequence as it is."""
+    return x.tolist() if isinstance(x, torch.Tensor) else [tuple(v) if isinstance(v, (tuple, list)) else v
+                                                           for v in x]
+
+
 def _transform_for(coord_transform: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
     if coord_transform is None:
         return None
@@ -82,7 +88,8 @@ def rope2d_reference(
 
     Batched: q, k [B, H, N, D], grids (Hp, Wp), N = num_prefix_tokens + Hp*Wp,
              coord_transform [4] or [B, 4] (one row per image).
-    Packed:  q, k [T, H, D], cu_seqlens int32 [n+1], grids int32 [n, 2], coord_transform [4] or [n, 4].
+    Packed:  q, k [T, H, D], cu_seqlens int32 [n+1], grids int32 [n, 2], coord_transform [4] or [n, 4];
+             cu_seqlens and grids may also be host sequences (n+1 ints, n (Hp, Wp) pairs).
     """
     freqs = inv_freq(q.shape[-1], theta, periods, dtype=_compute_dtype(q), device=q.device)
     return apply_rope2d(q, k, freqs, grids, num_prefix_tokens=num_prefix_tokens, cu_seqlens=cu_seqlens,
@@ -107,8 +114,8 @@ def apply_rope2d(q, k, freqs: torch.Tensor, grids, *, num_prefix_tokens: int,
                     ang = rope_angles(Hp, Wp, freqs, _transform_for(coord_transform, b))
                     out[b, :, P:] = rotate(x[b, :, P:], ang, inverse)
         else:
-            cu = cu_seqlens.tolist()
-            for i, (Hp, Wp) in enumerate(grids.tolist()):
+            cu = host_ints(cu_seqlens)
+            for i, (Hp, Wp) in enumerate(host_ints(grids)):
                 ang = rope_angles(Hp, Wp, freqs, _transform_for(coord_transform, i))
                 start, end = cu[i] + P, cu[i + 1]
                 # [HW, H, D] -> [H, HW, D] to rotate, and back

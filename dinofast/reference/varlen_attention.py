@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dinofast.reference.rope2d import apply_rope2d
+from dinofast.reference.rope2d import apply_rope2d, host_ints
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -30,7 +30,7 @@ def varlen_attention_reference(
     """(out [T, H, D] in q's dtype, lse [H, T] in fp32 (fp64 for fp64 inputs)).
 
     rope: a dinofast.RopeSpec (grids int32 [n, 2], num_prefix_tokens, theta/periods,
-    coord_transform) or None. Differentiable in q, k, v.
+    coord_transform) or None. cu_seqlens (and rope.grids) may be host sequences. Differentiable in q, k, v.
     """
     T, H, D = q.shape
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
@@ -39,7 +39,7 @@ def varlen_attention_reference(
         q, k = apply_rope2d(q, k, freqs, rope.grids, num_prefix_tokens=rope.num_prefix_tokens,
                             cu_seqlens=cu_seqlens, coord_transform=rope.coord_transform)
     ct = _compute_dtype(q)
-    cu = cu_seqlens.tolist()
+    cu = host_ints(cu_seqlens)
     outs, lses = [], []
     for start, end in zip(cu[:-1], cu[1:]):
         # [L, H, D] -> [H, L, D]
