@@ -43,7 +43,8 @@ def check_head_dim(D: int, arg: str, *, multiple: int = 4, maximum: int = 256) -
 
 
 def check_finite(x: float, arg: str) -> None:
-    if not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+    # chained comparisons, not math.isfinite: traceable by torch.compile when x is symbolic (NaN fails both)
+    if not isinstance(x, (int, float)) or not (0 < x < math.inf):
         fail(arg, "a finite positive number", x)
 
 

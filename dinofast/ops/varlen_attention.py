@@ -243,7 +243,8 @@ def _attention(a: _Args) -> Tuple[Tensor, Tensor]:
     """(out, lse): directly when no dispatcher is needed, else through the registered op."""
     if direct_call_ok(a.q, a.k, a.v, a.coord_transform):
         return _forward(*a)
-    return _fwd_op(*a[:-1], *flatten_layout(a.layout))
+    host_cu, host_grids = flatten_layout(a.layout)
+    return _fwd_op(*a[:-1], host_cu, host_grids if a.freqs is not None else None)
 
 
 def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _Args:
