@@ -119,8 +119,14 @@ def grids_on(layout: PackedLayout, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _grids_on(hw: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(hw, dtype=torch.int32)
-    if device.type == "cuda":
+    return int32_on(hw, device)
+
+
+def int32_on(values, device: torch.device) -> torch.Tensor:
+    """int32 tensor of host ints on `device`; on CUDA copied from pinned memory without blocking
+    the host (a pageable copy would wait for the stream)."""
+    host = torch.tensor(values, dtype=torch.int32)
+    if torch.device(device).type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
 

@@ -253,3 +253,49 @@ def test_without_the_debug_switch_device_values_are_not_read(monkeypatch):
         _packed_calls(q, k, v, cu, grids, x, w, LAYOUT)
     with dinofast.debug_checks(), pytest.raises(AssertionError, match="without the debug switch"):
         _packed_calls(q, k, v, cu, grids, x, w, LAYOUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# encode_packed: host metadata once per forward, no device read in any layer
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grad", [False, True])
+def test_encode_packed_builds_its_metadata_once_and_reads_none_back(monkeypatch, grad):
+    from dinofast import _debug, _layout
+    from tests.dinov3_models import images, random_model
+
+    model = dinofast.patch_dinov3(random_model(layers=3))
+    imgs = images([(32, 48), (16, 16), (48, 32)])
+    built = []
+    real_from_grids = _layout.PackedLayout.from_grids.__func__
+
+    def counting_from_grids(cls, grids, num_prefix_tokens):
+        built.append(grids)
+        return real_from_grids(cls, grids, num_prefix_tokens)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("device metadata read back without the debug switch")
+
+    monkeypatch.setattr(_layout.PackedLayout, "from_grids", classmethod(counting_from_grids))
+    monkeypatch.setattr(_debug, "read_device_metadata", refuse)
+    monkeypatch.setattr(_debug, "read_device_ints", refuse)
+    monkeypatch.delenv("DINOFAST_DEBUG_CHECKS", raising=False)
+    with torch.set_grad_enabled(grad):
+        feats = dinofast.encode_packed(model, imgs)
+    assert len(built) == 1 and len(feats) == 3  # one layout for 3 layers
+    assert feats[0].patches.shape[:2] == (2, 3)
+    with dinofast.debug_checks(), pytest.raises(AssertionError, match="without the debug switch"):
+        dinofast.encode_packed(model, imgs)
+
+
+def test_pack_holds_the_host_layout_of_its_tensors():
+    packed = dinofast.pack([randn(3, 32, 48, seed=1), randn(3, 16, 16, seed=2)], patch_size=16, num_prefix_tokens=5)
+    layout = packed.layout
+    assert list(layout.cu_seqlens) == packed.cu_seqlens.tolist() == [0, 11, 17]
+    assert [list(g) for g in layout.grids] == packed.grids.tolist() and layout.max_seqlen == packed.max_seqlen
+    assert packed.to(DEVICE).layout == layout and packed.total_tokens == 17
+    q = randn(17, 2, 16, seed=3)
+    out = dinofast.varlen_attention(q, q, q, packed.cu_seqlens, packed.max_seqlen,
+                                    rope=dinofast.RopeSpec(packed.grids, 5), layout=layout)
+    with dinofast.debug_checks():  # the layout agrees with the device values
+        torch.testing.assert_close(out, dinofast.varlen_attention(q, q, q, packed.cu_seqlens, packed.max_seqlen,
+                                                                  rope=dinofast.RopeSpec(packed.grids, 5)))

@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
+from dinofast._layout import PackedLayout
 from dinofast._validate import check_nonneg_int, check_tensor, fail, FLOAT_DTYPES
 
 
@@ -22,6 +23,8 @@ class Packed:
     grids:       int32 [n, 2], (Hp_i, Wp_i) patch grid of each image.
     num_prefix_tokens: CLS + register tokens per image counted in cu_seqlens.
     max_seqlen:  the longest image sequence, in tokens.
+    layout:      the host copy of cu_seqlens and grids (a dinofast.PackedLayout): pass it to the
+                 ops (`layout=`) so they check the tensors without reading them back.
     """
 
     images: List[torch.Tensor]
@@ -29,13 +32,14 @@ class Packed:
     grids: torch.Tensor
     num_prefix_tokens: int
     max_seqlen: int
+    layout: Optional[PackedLayout] = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     @property
     def total_tokens(self) -> int:
-        return int(self.cu_seqlens[-1])
+        return self.layout.total if self.layout is not None else int(self.cu_seqlens[-1])
 
     def to(self, device=None, dtype=None, non_blocking: bool = False) -> "Packed":
         """Images moved/cast (metadata moved); a new Packed."""
@@ -45,6 +49,7 @@ class Packed:
             self.grids.to(device=device, non_blocking=non_blocking),
             self.num_prefix_tokens,
             self.max_seqlen,
+            self.layout,
         )
 
 
@@ -63,7 +68,7 @@ def pack(pixels_list: Sequence[torch.Tensor], patch_size: int = 16, num_prefix_t
         fail("patch_size", "a positive int", patch_size)
     check_nonneg_int(num_prefix_tokens, "num_prefix_tokens")
     first = pixels_list[0]
-    lengths, grids = [], []
+    grids = []
     for i, im in enumerate(pixels_list):
         arg = f"pixels_list[{i}]"
         check_tensor(im, arg, ndim=3, dtypes=FLOAT_DTYPES)
@@ -74,17 +79,15 @@ def pack(pixels_list: Sequence[torch.Tensor], patch_size: int = 16, num_prefix_t
             fail(arg, f"[3, H, W] with H, W positive multiples of patch_size={patch_size}", f"shape {tuple(im.shape)}")
         hp, wp = h // patch_size, w // patch_size
         grids.append((hp, wp))
-        lengths.append(num_prefix_tokens + hp * wp)
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
+    layout = PackedLayout.from_grids(grids, num_prefix_tokens)
     device = first.device
     return Packed(
         images=list(pixels_list),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        cu_seqlens=torch.tensor(layout.cu_seqlens, dtype=torch.int32, device=device),
         grids=torch.tensor(grids, dtype=torch.int32, device=device),
         num_prefix_tokens=num_prefix_tokens,
-        max_seqlen=max(lengths),
+        max_seqlen=layout.max_seqlen,
+        layout=layout,
     )
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinofast import _validate as V
+from dinofast._layout import PackedLayout, int32_on
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_
 from dinofast.ops.varlen_attention import varlen_attention
 from dinofast.reference.rope2d import inv_freq as default_inv_freq
@@ -52,11 +53,14 @@ class _BatchedPlan:
 
 @dataclass(frozen=True)
 class _PackedPlan:
-    """A packed sequence [T, C] of n images: cu_seqlens int32 [n+1], rope.grids int32 [n, 2]."""
+    """A packed sequence [T, C] of n images: cu_seqlens int32 [n+1], rope.grids int32 [n, 2] on the
+    model's device, and their host copy `layout` (built once per forward; no layer reads the
+    device tensors back)."""
 
     cu_seqlens: Tensor
     max_seqlen: int
     rope: RopeSpec
+    layout: PackedLayout
 
 
 def _transformers_dinov3():
@@ -112,7 +116,8 @@ def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_pre
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: float) -> Tensor:
     """q, k, v [T, H, D] packed (strided views of the qkv buffer) -> [T, H, D]; each image attends
     only to itself, RoPE fused into the attention's Q/K loads."""
-    return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope)
+    return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope,
+                            layout=plan.layout)
 
 
 def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
@@ -397,16 +402,16 @@ def encode_packed(model, images: Sequence[Tensor], output_layers: Optional[Seque
     patches = _patch_embed(emb, images, patch).split([hp * wp for hp, wp in grids])
     x = torch.cat([t for p in patches for t in (prefix, p)])  # [T, C]: [CLS, regs, patches] per image
 
-    lengths = [P + hp * wp for hp, wp in grids]
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
+    # The metadata, once per forward: on the host (every layer's checks and launch sizes) and one
+    # copy of each tensor on the device (what the kernels read).
+    layout = PackedLayout.from_grids(grids, P)
+    cu = layout.cu_seqlens
     rope_module = model.rope_embeddings
     transform = _coord_transform(config, len(images), device) if rope_module.training else None
     plan = _PackedPlan(
-        torch.tensor(cu, dtype=torch.int32, device=device), max(lengths),
-        RopeSpec(torch.tensor(grids, dtype=torch.int32, device=device), P, float(rope_module.base),
-                 _stored_periods(rope_module), transform))
+        int32_on(cu, device), layout.max_seqlen,
+        RopeSpec(int32_on(grids, device), P, float(rope_module.base), _stored_periods(rope_module), transform),
+        layout)
 
     saved = {}
     normalized = {i % len(layers) for i in wanted}

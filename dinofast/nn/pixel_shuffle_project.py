@@ -7,15 +7,17 @@ import torch
 from torch import nn
 
 from dinofast import _validate as V
+from dinofast._layout import PackedLayout
 from dinofast.ops.pixel_shuffle_project import pixel_shuffle_project
 
 
 class PixelShuffleProjector(nn.Module):
     """Drop `num_prefix_tokens`, pixel-shuffle by `factor` and project to `out_dim`, fused.
 
-    forward(x, grids, cu_seqlens=None): batched x [B, P + Hp*Wp, in_dim] with grids (Hp, Wp) ->
-    [B, Gh*Gw, out_dim]; packed x [T, in_dim] with cu_seqlens int32 [n+1] and grids int32 [n, 2] ->
-    (y [sum Gh_i*Gw_i, out_dim], out_cu_seqlens int32 [n+1]).
+    forward(x, grids, cu_seqlens=None, layout=None): batched x [B, P + Hp*Wp, in_dim] with grids
+    (Hp, Wp) -> [B, Gh*Gw, out_dim]; packed x [T, in_dim] with cu_seqlens int32 [n+1] and grids int32
+    [n, 2] -> (y [sum Gh_i*Gw_i, out_dim], out_cu_seqlens int32 [n+1]) (layout: the optional host
+    dinofast.PackedLayout, see dinofast.pixel_shuffle_project).
     State dict: `proj.weight` [out_dim, in_dim*factor^2] (+ `proj.bias` [out_dim]): the keys and
     layout of nanoVLM's ModalityProjector, so its checkpoints load unchanged.
     """
@@ -33,11 +35,12 @@ class PixelShuffleProjector(nn.Module):
         if bias:
             nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor, grids, cu_seqlens: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, grids, cu_seqlens: Optional[torch.Tensor] = None,
+                layout: Optional[PackedLayout] = None):
         if x.shape[-1] != self.in_dim:
             V.fail("x", f"last dim in_dim = {self.in_dim}", f"shape {tuple(x.shape)}")
         return pixel_shuffle_project(x, self.proj.weight, self.proj.bias, grids=grids, factor=self.factor,
-                                     num_prefix_tokens=self.num_prefix_tokens, cu_seqlens=cu_seqlens)
+                                     num_prefix_tokens=self.num_prefix_tokens, cu_seqlens=cu_seqlens, layout=layout)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, factor={self.factor}, "
