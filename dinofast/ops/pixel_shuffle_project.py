@@ -10,6 +10,7 @@ reference does: it is the oracle).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 from dinofast import _debug
 from dinofast import _validate as V
 from dinofast._backend import dispatch, empty_output
-from dinofast._layout import PackedLayout, check_layout, flatten_layout, grids_on, unflatten_layout
+from dinofast._layout import PackedLayout, check_layout, flatten_layout, grids_on, int32_on, unflatten_layout
 from dinofast.ops._eager import direct_call_ok
 from dinofast.reference.pixel_shuffle_project import pixel_shuffle, pixel_unshuffle
 from dinofast.reference.rope2d import host_ints
@@ -271,6 +272,17 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@functools.lru_cache(maxsize=256)
+def _out_cu_seqlens_on(hw: Tuple[Tuple[int, int], ...], factor: int, device: torch.device) -> Tensor:
+    """int32 [n+1] cumulated Gh*Gw of host grids (checked divisible by factor), on `device`.
+    Cached: callers get a clone."""
+    check_divisible(hw, factor)
+    rows = [0]
+    for hp, wp in hw:
+        rows.append(rows[-1] + (hp // factor) * (wp // factor))
+    return int32_on(rows, device)
+
+
 def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layout) -> tuple:
     """Shape/dtype/device checks and host-layout checks (no device read; safe under torch.compile
     tracing) and the op's arguments (the last one: the layout)."""
@@ -301,16 +313,18 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layo
             grids = grids_on(layout, x.device)
         n = V.check_packed_meta(cu_seqlens, grids, x.shape[0], x.device)
         check_layout(layout, cu_seqlens, x.shape[0], "x.shape[0] (T)", grids=grids, num_prefix_tokens=P)
-        if layout is not None:
-            check_divisible(layout.grids, s)
         _, patches = packed_rows(x, cu_seqlens, s, P)
         if patches < 0 or patches % (s * s):
             V.fail("x", f"T - n*num_prefix_tokens = {x.shape[0]} - {n}*{P} patch tokens, a multiple of "
                    f"factor^2 = {s * s} (every Hp, Wp divisible by factor)", f"shape {tuple(x.shape)}")
         hp = wp = 0
-        # rows per image: Gh*Gw from grids by tensor ops (traceable, no device read)
-        per_image = (grids[:, 0] // s) * (grids[:, 1] // s)
-        out_cu_seqlens = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)]).to(torch.int32)
+        if layout is not None and not torch.compiler.is_compiling():
+            out_cu_seqlens = _out_cu_seqlens_on(layout.grids, s, x.device).clone()  # checked, made once per layout
+        else:  # rows per image: Gh*Gw from grids by tensor ops (traceable, no device read)
+            if layout is not None:
+                check_divisible(layout.grids, s)
+            per_image = (grids[:, 0] // s) * (grids[:, 1] // s)
+            out_cu_seqlens = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)]).to(torch.int32)
     else:
         hp, wp = V.check_grid(grids)
         shuffled_grid(hp, wp, s)
