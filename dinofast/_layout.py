@@ -6,7 +6,6 @@ device tensor back (see dinofast._debug for the switch that does read them).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
@@ -30,6 +29,8 @@ class PackedLayout:
     grids: Optional[Tuple[Tuple[int, int], ...]] = None
     num_prefix_tokens: int = 0
     max_seqlen: int = field(init=False, compare=False)
+    # device copies derived from this layout ((what, args...) -> tensor), made once per layout
+    _derived: dict = field(init=False, compare=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         cu = self.cu_seqlens
@@ -77,6 +78,13 @@ class PackedLayout:
     def total(self) -> int:
         return self.cu_seqlens[-1]
 
+    def derived(self, key: tuple, make):
+        """make() once per key for this layout (device copies of host values: callers never write them)."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make()
+        return value
+
     @property
     def flat_grids(self) -> Optional[list]:
         """[Hp_0, Wp_0, Hp_1, ...] (the ops' schema form), or None."""
@@ -112,14 +120,9 @@ def check_layout(layout, cu_seqlens: torch.Tensor, total: int, total_arg: str, *
 
 
 def grids_on(layout: PackedLayout, device: torch.device) -> torch.Tensor:
-    """int32 [n, 2] copy of layout.grids on `device`, made once per (grids, device): on CUDA from
+    """int32 [n, 2] copy of layout.grids on `device`, made once per (layout, device): on CUDA from
     pinned memory without blocking the host."""
-    return _grids_on(layout.grids, torch.device(device))
-
-
-@functools.lru_cache(maxsize=256)
-def _grids_on(hw: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    return int32_on(hw, device)
+    return layout.derived(("grids", device), lambda: int32_on(layout.grids, device))
 
 
 def int32_on(values, device: torch.device) -> torch.Tensor:

@@ -36,7 +36,7 @@ class RoPE2D(nn.Module):
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q: expected head dim {self.head_dim}, got {q.shape[-1]}")
         transform = None
-        if self.training and any(v is not None for v in (self.shift, self.jitter, self.rescale)):
+        if self.training and (self.shift is not None or self.jitter is not None or self.rescale is not None):
             transform = sample_coord_transform(1, shift=self.shift, jitter=self.jitter, rescale=self.rescale,
                                                device=q.device)
         return rope2d(q, k, grids, num_prefix_tokens=self.num_prefix_tokens, theta=self.theta,

@@ -10,7 +10,6 @@ reference does: it is the oracle).
 """
 from __future__ import annotations
 
-import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -30,9 +29,13 @@ def shuffled_grid(Hp: int, Wp: int, factor: int) -> Tuple[int, int]:
     grid. Raises ValueError when a side is not divisible by factor."""
     V.check_positive_int(factor, "factor")
     Hp, Wp = V.check_grid((Hp, Wp))
-    if Hp % factor or Wp % factor:
-        V.fail("grids", f"(Hp, Wp) both divisible by factor {factor}", (Hp, Wp))
+    check_divisible_grid(Hp, Wp, factor)
     return Hp // factor, Wp // factor
+
+
+def check_divisible_grid(Hp: int, Wp: int, factor: int, image: str = "") -> None:
+    if Hp % factor or Wp % factor:
+        V.fail("grids", f"(Hp, Wp){image} both divisible by factor {factor}", (Hp, Wp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +173,9 @@ def _meta(x, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor, P, host) -> Tupl
     return Meta(cu_seqlens, grids, out_cu_seqlens, (0, 0), factor, P, host), packed_rows(x, cu_seqlens, factor, P)[0]
 
 
-def check_divisible(hw, factor: int, arg: str = "grids") -> None:
+def check_divisible(hw, factor: int) -> None:
     for i, (h, w) in enumerate(hw):
-        if h % factor or w % factor:
-            V.fail(arg, f"(Hp, Wp) of image {i} both divisible by factor {factor}", (h, w))
+        check_divisible_grid(h, w, factor, f" of image {i}")
 
 
 def _x3(x: Tensor) -> Tensor:
@@ -272,10 +274,8 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@functools.lru_cache(maxsize=256)
 def _out_cu_seqlens_on(hw: Tuple[Tuple[int, int], ...], factor: int, device: torch.device) -> Tensor:
-    """int32 [n+1] cumulated Gh*Gw of host grids (checked divisible by factor), on `device`.
-    Cached: callers get a clone."""
+    """int32 [n+1] cumulated Gh*Gw of host grids (checked divisible by factor), on `device`."""
     check_divisible(hw, factor)
     rows = [0]
     for hp, wp in hw:
@@ -313,21 +313,23 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layo
             grids = grids_on(layout, x.device)
         n = V.check_packed_meta(cu_seqlens, grids, x.shape[0], x.device)
         check_layout(layout, cu_seqlens, x.shape[0], "x.shape[0] (T)", grids=grids, num_prefix_tokens=P)
-        _, patches = packed_rows(x, cu_seqlens, s, P)
-        if patches < 0 or patches % (s * s):
-            V.fail("x", f"T - n*num_prefix_tokens = {x.shape[0]} - {n}*{P} patch tokens, a multiple of "
-                   f"factor^2 = {s * s} (every Hp, Wp divisible by factor)", f"shape {tuple(x.shape)}")
         hp = wp = 0
         if layout is not None and not torch.compiler.is_compiling():
-            out_cu_seqlens = _out_cu_seqlens_on(layout.grids, s, x.device).clone()  # checked, made once per layout
+            # checked and made once per layout; a clone, as it is returned to the caller
+            out_cu_seqlens = layout.derived(("out_cu_seqlens", s, x.device),
+                                            lambda: _out_cu_seqlens_on(layout.grids, s, x.device)).clone()
         else:  # rows per image: Gh*Gw from grids by tensor ops (traceable, no device read)
             if layout is not None:
                 check_divisible(layout.grids, s)
             per_image = (grids[:, 0] // s) * (grids[:, 1] // s)
             out_cu_seqlens = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)]).to(torch.int32)
+        _, patches = packed_rows(x, cu_seqlens, s, P)
+        if patches < 0 or patches % (s * s):
+            V.fail("x", f"T - n*num_prefix_tokens = {x.shape[0]} - {n}*{P} patch tokens, a multiple of "
+                   f"factor^2 = {s * s} (every Hp, Wp divisible by factor)", f"shape {tuple(x.shape)}")
     else:
         hp, wp = V.check_grid(grids)
-        shuffled_grid(hp, wp, s)
+        check_divisible_grid(hp, wp, s)
         if x.shape[1] != P + hp * wp:
             V.fail("x", f"N = num_prefix_tokens + Hp*Wp = {P} + {hp}*{wp} = {P + hp * wp} tokens "
                    "(x is [B, N, D])", x.shape[1])

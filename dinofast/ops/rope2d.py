@@ -45,7 +45,7 @@ def rope_inv_freq(head_dim: int, theta: float, periods: Optional[Tensor], device
     """float32 [head_dim/4] on `device`: 1/periods when given, else transformers' 1/theta^(4k/D)."""
     if periods is not None or torch.compiler.is_compiling():
         return inv_freq(head_dim, theta, periods, device=device).contiguous()
-    return _cached_inv_freq(head_dim, float(theta), torch.device(device))
+    return _cached_inv_freq(head_dim, theta, device if isinstance(device, torch.device) else torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)

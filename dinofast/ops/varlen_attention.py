@@ -144,7 +144,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids, co
         _debug.check_device_metadata(cu_seqlens, grids, q.shape[0], num_prefix_tokens, host, max_seqlen)
     T, H, _ = q.shape
     out = empty_output(q)
-    lse = empty_output(q.new_empty(0, dtype=torch.float32), (H, T))
+    lse = empty_output(q if q.dtype == torch.float32 else q.new_empty(0, dtype=torch.float32), (H, T))
     impl = dispatch(IMPLS, q.device, "varlen_attention")
     if T > 0 and H > 0:
         impl.forward(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale,
@@ -345,6 +345,28 @@ def flash_attn_varlen_func(
     softcap, ALiBi, attention probabilities, paged KV, different q/k lengths or head counts).
     cu_seqlens_k is taken to hold cu_seqlens_q's values (checked only under dinofast.debug_checks():
     comparing them is a device read)."""
+    if (dropout_p == 0.0 and not causal and softcap == 0.0 and alibi_slopes is None and not return_attn_probs
+            and block_table is None and window_size in ((-1, -1), [-1, -1]) and (
+                cu_seqlens_k is cu_seqlens_q or cu_seqlens_k.shape == cu_seqlens_q.shape)
+            and max_seqlen_q == max_seqlen_k and k.shape == q.shape and v.shape == q.shape):
+        asked = []  # the common drop-in call: nothing to name
+    else:
+        asked = _unsupported_flash_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                        causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table)
+    if asked:
+        raise NotImplementedError(
+            "dinofast.flash_attn_varlen_func does non-causal self-attention without dropout only; "
+            f"not supported: {', '.join(asked)}")
+    # Equal values of two cu_seqlens tensors can only be seen by reading them: under the debug switch.
+    if cu_seqlens_k is not cu_seqlens_q and _debug.enabled() and not _debug.same_values(cu_seqlens_q, cu_seqlens_k):
+        raise NotImplementedError("dinofast.flash_attn_varlen_func does self-attention only; not supported: "
+                                  "different q and k lengths (cross-attention): cu_seqlens_k != cu_seqlens_q")
+    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale=softmax_scale)
+
+
+def _unsupported_flash_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                            window_size, softcap, alibi_slopes, return_attn_probs, block_table) -> List[str]:
+    """The names of the flash-attn features a call asks for that dinofast does not do."""
     unsupported = {
         "dropout_p > 0": dropout_p != 0.0, "causal=True": bool(causal),
         "window_size": tuple(window_size) != (-1, -1), "softcap": softcap != 0.0,
@@ -355,13 +377,4 @@ def flash_attn_varlen_func(
             k.shape[0] != q.shape[0] or max_seqlen_q != max_seqlen_k
             or (cu_seqlens_k is not cu_seqlens_q and cu_seqlens_k.shape != cu_seqlens_q.shape)),
     }
-    asked = [name for name, bad in unsupported.items() if bad]
-    if asked:
-        raise NotImplementedError(
-            "dinofast.flash_attn_varlen_func does non-causal self-attention without dropout only; "
-            f"not supported: {', '.join(asked)}")
-    # Equal values of two cu_seqlens tensors can only be seen by reading them: under the debug switch.
-    if cu_seqlens_k is not cu_seqlens_q and _debug.enabled() and not _debug.same_values(cu_seqlens_q, cu_seqlens_k):
-        raise NotImplementedError("dinofast.flash_attn_varlen_func does self-attention only; not supported: "
-                                  "different q and k lengths (cross-attention): cu_seqlens_k != cu_seqlens_q")
-    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale=softmax_scale)
+    return [name for name, bad in unsupported.items() if bad]
