@@ -144,7 +144,8 @@ def test_overhead(benchmark, row):
     if _backend.load_C() is None:
         pytest.skip(reason="dinofast._C is not built: no raw op to compare with")
     wrapped, raw = _case(row)
-    with dinofast.backend("cpp"), torch.no_grad():
+    assert _backend.select({"cpp": None, "reference": None}, torch.device("cpu"), row) == "cpp"  # automatic choice
+    with torch.no_grad():
         wrapped_us, raw_us = alternate(wrapped, raw)
         benchmark.group = "overhead"
         benchmark.extra_info.update(raw_us=round(raw_us, 2), wrapped_us=round(wrapped_us, 2),

@@ -69,9 +69,11 @@ def check_grid(grid, arg: str = "grids") -> Tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
-def check_packed_meta(cu_seqlens, grids, total: int, device: torch.device) -> int:
-    """Shape/dtype/device of packed metadata; returns the number of images n."""
-    n = check_cu_seqlens(cu_seqlens, device)
+def check_packed_meta(cu_seqlens, grids, total: int, device: torch.device, n: Optional[int] = None) -> int:
+    """Shape/dtype/device of packed metadata; returns the number of images n (n: cu_seqlens
+    already checked, holding n+1 values)."""
+    if n is None:
+        n = check_cu_seqlens(cu_seqlens, device)
     check_tensor(grids, "grids", ndim=2, dtypes=(torch.int32,))
     if grids.shape != (n, 2):
         fail("grids", f"int32 [n, 2] with n = {n} (len(cu_seqlens) - 1)", f"shape {tuple(grids.shape)}")

@@ -39,9 +39,20 @@ class PixelShuffleProjector(nn.Module):
                 layout: Optional[PackedLayout] = None):
         if x.shape[-1] != self.in_dim:
             V.fail("x", f"last dim in_dim = {self.in_dim}", f"shape {tuple(x.shape)}")
-        return pixel_shuffle_project(x, self.proj.weight, self.proj.bias, grids=grids, factor=self.factor,
+        weight, bias = _weight_and_bias(self.proj)
+        return pixel_shuffle_project(x, weight, bias, grids=grids, factor=self.factor,
                                      num_prefix_tokens=self.num_prefix_tokens, cu_seqlens=cu_seqlens, layout=layout)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, factor={self.factor}, "
                 f"num_prefix_tokens={self.num_prefix_tokens}")
+
+
+def _weight_and_bias(linear: nn.Linear):
+    """(linear.weight, linear.bias), read from the parameter dict when they live there: two
+    nn.Module.__getattr__ lookups cost more than a microsecond per call. Weights held elsewhere
+    (parametrizations, weight norm) are read as attributes."""
+    params = linear._parameters
+    weight = params["weight"] if "weight" in params else linear.weight
+    bias = params["bias"] if "bias" in params else linear.bias
+    return weight, bias

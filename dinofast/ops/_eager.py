@@ -14,16 +14,21 @@ from torch import Tensor
 from torch.nn import Parameter
 
 _PLAIN = (Tensor, Parameter)
+# bound once: this runs on every op call
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_grad_enabled = torch.is_grad_enabled
 
 
 def direct_call_ok(*tensors) -> bool:
     """True when the implementation may run without the dispatcher for these (optional) tensors."""
-    if torch.compiler.is_compiling():  # first: the rest is not traceable
+    if _is_compiling():  # first: the rest is not traceable
         return False
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    if _dispatch_modes() or _function_modes() or _functorch_level() is not None:
         return False
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for t in tensors:
         if t is None:
             continue

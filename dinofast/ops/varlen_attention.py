@@ -276,7 +276,7 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _A
             if given is not None and given != layout:
                 V.fail("layout", f"the layout of rope.grids {layout.grids}", given)
             grids = grids_on(layout, q.device)
-        V.check_packed_meta(cu_seqlens, grids, q.shape[0], q.device)
+        V.check_packed_meta(cu_seqlens, grids, q.shape[0], q.device, n)
         check_layout(layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", grids=grids, num_prefix_tokens=P,
                      prefix_arg="rope.num_prefix_tokens")
         V.check_finite(rope.theta, "rope.theta")
