@@ -6,8 +6,9 @@ arguments ready (inverse frequencies, out_cu_seqlens precomputed). The two are m
 alternately in this process (blocks of calls, raw then wrapped, repeated), with one torch thread,
 so that load from other jobs hits both alike; times are the thread's CPU time (time.thread_time:
 on a shared machine the wall clock mostly measures the other jobs' time slices). The row records
-the medians and their difference, which must stay within OVERHEAD_BUDGET_US. pytest-benchmark also times the wrapped call itself
-(group `overhead`). Run: pytest benchmarks/test_overhead.py --benchmark-only -s
+the medians and their difference, which must stay within OVERHEAD_BUDGET_US. pytest-benchmark
+also times the wrapped call itself (group `overhead`).
+Run: pytest benchmarks/test_overhead.py --benchmark-only -s
 """
 import statistics
 import time

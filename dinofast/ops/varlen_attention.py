@@ -62,9 +62,9 @@ def _host_view(cu_seqlens, rope, host):
 
 def _reference_forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale, rope, host):
     cu, rope = _host_view(cu_seqlens, rope, host)
-    o, l = varlen_attention_reference(q, k, v, cu, softmax_scale=scale, rope=rope)
-    out.copy_(o)
-    lse.copy_(l)
+    ref_out, ref_lse = varlen_attention_reference(q, k, v, cu, softmax_scale=scale, rope=rope)
+    out.copy_(ref_out)
+    lse.copy_(ref_lse)
 
 
 def _reference_backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, scale, rope, host):

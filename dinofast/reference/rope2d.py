@@ -10,7 +10,7 @@ All of it in fp32 (fp64 when the inputs are fp64), cast back to the input dtype.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
