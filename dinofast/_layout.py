@@ -119,6 +119,23 @@ def check_layout(layout, cu_seqlens: torch.Tensor, total: int, total_arg: str, *
     return layout
 
 
+def packed_grids(grids, layout, cu_seqlens: torch.Tensor, total: int, total_arg: str, num_prefix_tokens: int,
+                 device: torch.device, *, grids_arg: str = "grids", prefix_arg: str = "num_prefix_tokens",
+                 n: Optional[int] = None):
+    """(grids tensor, layout, n) of a packed call: host (Hp, Wp) pairs are the layout (copied to the
+    device once per layout); shapes/dtypes/devices checked, and the layout against the tensors."""
+    if not isinstance(grids, torch.Tensor):
+        given = check_layout(layout, cu_seqlens, total, total_arg)
+        layout = PackedLayout.from_grids(grids, num_prefix_tokens)
+        if given is not None and given != layout:
+            V.fail("layout", f"the layout of {grids_arg} {layout.grids}", given)
+        grids = grids_on(layout, device)
+    n = V.check_packed_meta(cu_seqlens, grids, total, device, n)
+    check_layout(layout, cu_seqlens, total, total_arg, grids=grids, num_prefix_tokens=num_prefix_tokens,
+                 prefix_arg=prefix_arg)
+    return grids, layout, n
+
+
 def grids_on(layout: PackedLayout, device: torch.device) -> torch.Tensor:
     """int32 [n, 2] copy of layout.grids on `device`, made once per (layout, device): on CUDA from
     pinned memory without blocking the host."""

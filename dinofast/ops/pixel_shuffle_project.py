@@ -18,7 +18,7 @@ from torch import Tensor
 from dinofast import _debug
 from dinofast import _validate as V
 from dinofast._backend import dispatch, empty_output
-from dinofast._layout import PackedLayout, check_layout, flatten_layout, grids_on, int32_on, unflatten_layout
+from dinofast._layout import PackedLayout, flatten_layout, int32_on, packed_grids, unflatten_layout
 from dinofast.ops._eager import direct_call_ok
 from dinofast.reference.pixel_shuffle_project import pixel_shuffle, pixel_unshuffle
 from dinofast.reference.rope2d import host_ints
@@ -305,14 +305,7 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layo
             V.fail("bias", f"[out] = [{weight.shape[0]}] (weight's out-features)", f"shape {tuple(bias.shape)}")
         bias = bias.contiguous()
     if packed:
-        if not isinstance(grids, Tensor):  # host (Hp, Wp) pairs: they are the layout
-            given = check_layout(layout, cu_seqlens, x.shape[0], "x.shape[0] (T)")
-            layout = PackedLayout.from_grids(grids, P)
-            if given is not None and given != layout:
-                V.fail("layout", f"the layout of grids {layout.grids}", given)
-            grids = grids_on(layout, x.device)
-        n = V.check_packed_meta(cu_seqlens, grids, x.shape[0], x.device)
-        check_layout(layout, cu_seqlens, x.shape[0], "x.shape[0] (T)", grids=grids, num_prefix_tokens=P)
+        grids, layout, n = packed_grids(grids, layout, cu_seqlens, x.shape[0], "x.shape[0] (T)", P, x.device)
         hp = wp = 0
         if layout is not None and not torch.compiler.is_compiling():
             # checked and made once per layout; a clone, as it is returned to the caller

@@ -18,7 +18,7 @@ from torch import Tensor
 from dinofast import _debug
 from dinofast import _validate as V
 from dinofast._backend import dispatch, empty_output
-from dinofast._layout import PackedLayout, check_layout, flatten_layout, grids_on, unflatten_layout
+from dinofast._layout import PackedLayout, flatten_layout, packed_grids, unflatten_layout
 from dinofast.ops._eager import direct_call_ok
 from dinofast.reference.rope2d import apply_rope2d, inv_freq
 
@@ -209,15 +209,8 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
         if periods.numel() != D // 4:
             V.fail("periods", f"[head_dim/4] = [{D // 4}]", f"shape {tuple(periods.shape)}")
     if packed:
-        if not isinstance(grids, Tensor):  # host (Hp, Wp) pairs: they are the layout
-            given = check_layout(layout, cu_seqlens, q.shape[0], "q.shape[0] (T)")
-            layout = PackedLayout.from_grids(grids, num_prefix_tokens)
-            if given is not None and given != layout:
-                V.fail("layout", f"the layout of grids {layout.grids}", given)
-            grids = grids_on(layout, q.device)
-        n = V.check_packed_meta(cu_seqlens, grids, q.shape[0], q.device)
-        check_layout(layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", grids=grids,
-                     num_prefix_tokens=num_prefix_tokens)
+        grids, layout, n = packed_grids(grids, layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", num_prefix_tokens,
+                                        q.device)
         hp = wp = 0
         # the launch bound: the longest image when the host knows it, else T (still a bound)
         max_seqlen = q.shape[0] if layout is None else layout.max_seqlen

@@ -18,7 +18,7 @@ from torch import Tensor
 from dinofast import _debug
 from dinofast import _validate as V
 from dinofast._backend import dispatch, empty_output
-from dinofast._layout import PackedLayout, check_layout, flatten_layout, grids_on, unflatten_layout
+from dinofast._layout import PackedLayout, check_layout, flatten_layout, packed_grids, unflatten_layout
 from dinofast.ops._eager import direct_call_ok
 from dinofast.ops.rope2d import RopeSpec, rope_inv_freq
 from dinofast.reference.rope2d import apply_rope2d, host_ints
@@ -269,16 +269,8 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _A
             V.fail("rope", "a dinofast.RopeSpec or None", type(rope).__name__)
         V.check_nonneg_int(rope.num_prefix_tokens, "rope.num_prefix_tokens")
         P = rope.num_prefix_tokens
-        grids = rope.grids
-        if not isinstance(grids, Tensor):  # host (Hp, Wp) pairs: they are the layout
-            given = check_layout(layout, cu_seqlens, q.shape[0], "q.shape[0] (T)")
-            layout = PackedLayout.from_grids(grids, P)
-            if given is not None and given != layout:
-                V.fail("layout", f"the layout of rope.grids {layout.grids}", given)
-            grids = grids_on(layout, q.device)
-        V.check_packed_meta(cu_seqlens, grids, q.shape[0], q.device, n)
-        check_layout(layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", grids=grids, num_prefix_tokens=P,
-                     prefix_arg="rope.num_prefix_tokens")
+        grids, layout, _ = packed_grids(rope.grids, layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", P, q.device,
+                                        grids_arg="rope.grids", prefix_arg="rope.num_prefix_tokens", n=n)
         V.check_finite(rope.theta, "rope.theta")
         if rope.periods is not None:
             V.check_tensor(rope.periods, "rope.periods", ndim=1)
