@@ -299,3 +299,25 @@ def test_pack_holds_the_host_layout_of_its_tensors():
     with dinofast.debug_checks():  # the layout agrees with the device values
         torch.testing.assert_close(out, dinofast.varlen_attention(q, q, q, packed.cu_seqlens, packed.max_seqlen,
                                                                   rope=dinofast.RopeSpec(packed.grids, 5)))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_packed_ops_export_and_run(strict):
+    layout = PackedLayout.from_grids([(2, 4), (4, 2)], P)
+    cu = torch.tensor(layout.cu_seqlens, dtype=torch.int32, device=DEVICE)
+    grids = torch.tensor(layout.grids, dtype=torch.int32, device=DEVICE)
+
+    class Packed(torch.nn.Module):
+        def forward(self, q, k, v, x, w, cu, grids):
+            a = dinofast.varlen_attention(q, k, v, cu, layout.max_seqlen, rope=dinofast.RopeSpec(grids, P),
+                                          layout=layout)
+            rq, _ = dinofast.rope2d(q, k, grids, num_prefix_tokens=P, cu_seqlens=cu, layout=layout)
+            y, out_cu = dinofast.pixel_shuffle_project(x, w, grids=grids, factor=2, num_prefix_tokens=P,
+                                                       cu_seqlens=cu, layout=layout)
+            return a + rq, y, out_cu
+
+    args = (*(randn(layout.total, H, D, seed=i) for i in range(3)), randn(layout.total, 8, seed=3),
+            randn(4, 32, seed=4), cu, grids)
+    program = torch.export.export(Packed(), args, strict=strict)
+    for got, want in zip(program.module()(*args), Packed()(*args)):
+        torch.testing.assert_close(got, want)
