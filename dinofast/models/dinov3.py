@@ -157,9 +157,10 @@ def _onednn_linear_available() -> bool:
 
 
 def _cpu_inference(layer, x: Tensor) -> bool:
-    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval)."""
+    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval),
+    no autocast (its GEMMs would hand bf16 activations to the fp32 post-op GEMMs)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not layer.training and x.is_contiguous() and _onednn_linear_available())
+            and not torch.is_autocast_enabled("cpu") and not layer.training and x.is_contiguous() and _onednn_linear_available())
 
 
 def _mlp_hidden(mlp, x: Tensor) -> Tensor:
