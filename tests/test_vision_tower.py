@@ -194,8 +194,9 @@ def test_trainable_tower_gets_gradients():
 
 def test_bf16_autocast():
     """Under autocast the projection runs in bf16 (like nn.Linear); gradients reach the fp32
-    projector. Bound: bf16 keeps 8 bits, so each rounding is within 2^-8 relative; a few roundings
-    through 2 layers and the projection (K = 2048) stay within 2^-4 of the largest output."""
+    projector. Bound: bf16 keeps 8 significant bits (each rounding within 2^-9 relative); the
+    activations are rounded a few times per layer, so 2 layers and the projection stay within 2^-6
+    of the largest output (measured: 2^-7.5)."""
     tower = make_tower(keep_cls=True, layers=2)
     tower.model.requires_grad_(False)
     inputs = mixed_inputs()[:4]
@@ -204,7 +205,7 @@ def test_bf16_autocast():
     assert tokens.embeds.dtype == torch.bfloat16
     want = torch.cat(oracle(tower, inputs)[0])
     err = max_diff(tokens.embeds, want)
-    assert err <= 2.0**-4 * want.abs().max().item()
+    assert err <= 2.0**-6 * want.abs().max().item()
     assert err > MODEL_ATOL  # bf16 really ran
     tokens.embeds.float().sum().backward()
     assert tower.projector.proj.weight.grad.dtype == torch.float32
