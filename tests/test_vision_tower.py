@@ -309,7 +309,9 @@ def test_encode_patches_reads_qwen2vl_processor_output():
     """The flattening of transformers' own Qwen2-VL image processor (patch 16, merge_size 2,
     temporal_patch_size 1, no resize/rescale/normalise: the pixels go through unchanged)."""
     try:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Qwen
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as Qwen,
+        )
     except ImportError as err:
         pytest.skip(reason=f"transformers' Qwen2-VL PIL image processor is not importable: {err}")
     qwen = Qwen(patch_size=16, merge_size=2, temporal_patch_size=1, do_resize=False, do_rescale=False,
