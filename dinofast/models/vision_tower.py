@@ -261,7 +261,9 @@ class VisionTower(nn.Module):
     One encoder pass over all images packed, one pixel_shuffle_project over its output. When no
     tower parameter requires grad (a frozen tower) the encoder runs without autograd, so backward
     reaches only the projector (and no dx of the projection is computed).
-    Under torch.autocast the projection runs in the autocast dtype, like nn.Linear.
+    Under torch.autocast the projection runs in the autocast dtype, like nn.Linear. tower.train()
+    also puts the DINOv3 model in train mode (RoPE coordinate augmentation where configured): call
+    tower.model.eval() after it to keep a frozen tower deterministic.
     forward_patches(patches, grid_thw, ...) is the same for pre-patchified input (see encode_patches).
     """
 
