@@ -18,6 +18,7 @@ from dinofast.ops.pixel_shuffle_project import pixel_shuffle_project, shuffled_g
 from dinofast import nn  # noqa: F401
 from dinofast.models import (  # noqa: F401
     CheckpointError, ImageFeatures, encode_packed, load_dinov3, patch_dinov3, unpatch_dinov3,
+    PackedFeatures, VisionTokens, VisionTower, encode_patches,
 )
 from dinofast.data import Grid, ImageProcessor, Packed, TokenBudgetSampler, image_token_string, pack  # noqa: F401
 

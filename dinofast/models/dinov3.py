@@ -162,9 +162,10 @@ def _onednn_linear_available() -> bool:
 
 
 def _cpu_inference(layer, x: Tensor) -> bool:
-    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval)."""
+    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval),
+    no autocast (its GEMMs would hand bf16 activations to the fp32 post-op GEMMs)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not layer.training and x.is_contiguous() and _onednn_linear_available())
+            and not torch.is_autocast_enabled("cpu") and not layer.training and x.is_contiguous() and _onednn_linear_available())
 
 
 def _mlp_hidden(mlp, x: Tensor) -> Tensor:
@@ -367,6 +368,49 @@ def _patch_embed(embeddings, images: Sequence[Tensor], patch: Tuple[int, int]) -
     return F.linear(torch.cat(cols), conv.weight.flatten(1), conv.bias)
 
 
+def _encode_tokens(model, patch_tokens: Tensor, grids: Sequence[Tuple[int, int]], wanted: Sequence[int] = ()
+                   ) -> Tuple[Tensor, _PackedPlan, List[int], int, Dict[int, Tensor]]:
+    """The packed forward after the patch embedding (shared by encode_packed and the vision tower).
+
+    patch_tokens [sum Hp_i*Wp_i, C]: every image's embedded patches, row-major per image, images
+    back to back; grids: host (Hp_i, Wp_i). Returns (out [T, C] after the final norm, with
+    [CLS, registers, patches] per image; the plan (cu_seqlens int32 [n+1], rope.grids int32 [n, 2]
+    on the model's device); cu (host copy of cu_seqlens); P = 1 + registers; {layer index: that
+    layer's output [T, C]} for the layers in `wanted`)."""
+    config = model.config
+    weight = model.embeddings.patch_embeddings.weight
+    layers = model.model.layer
+    if model.training and (config.drop_path_rate > 0 or config.attention_dropout > 0):
+        V.fail("model", "eval mode, or train mode without drop_path_rate / attention_dropout (not supported "
+               "packed)", f"drop_path_rate={config.drop_path_rate}, attention_dropout={config.attention_dropout}")
+    device = weight.device
+    emb = model.embeddings
+    prefix = torch.cat([emb.cls_token[0], emb.register_tokens[0]]).to(weight.dtype)  # [P, C]
+    P = prefix.shape[0]
+    patches = patch_tokens.split([hp * wp for hp, wp in grids])
+    x = torch.cat([t for p in patches for t in (prefix, p)])  # [T, C]: [CLS, regs, patches] per image
+
+    # The metadata, once per forward: on the host (every layer's checks and launch sizes) and one
+    # copy of each tensor on the device (what the kernels read).
+    layout = PackedLayout.from_grids(grids, P)
+    cu = layout.cu_seqlens
+    rope_module = model.rope_embeddings
+    transform = _coord_transform(config, len(grids), device) if rope_module.training else None
+    plan = _PackedPlan(
+        int32_on(cu, device), layout.max_seqlen,
+        RopeSpec(int32_on(grids, device), P, float(rope_module.base), _stored_periods(rope_module), transform),
+        layout)
+
+    saved = {}
+    normalized = {i % len(layers) for i in wanted}
+    for i, layer in enumerate(layers):
+        x = _layer_forward(layer, x, plan)
+        if i in normalized:
+            saved[i] = x
+    out = model.norm(x)
+    return out, plan, cu, P, saved
+
+
 def encode_packed(model, images: Sequence[Tensor], output_layers: Optional[Sequence[int]] = None
                   ) -> List[ImageFeatures]:
     """One forward of a DINOv3 model over images of different sizes, packed without padding.
@@ -390,36 +434,8 @@ def encode_packed(model, images: Sequence[Tensor], output_layers: Optional[Seque
     _check_images(images, config.num_channels, patch, weight.device)
     layers = model.model.layer
     wanted = _check_layers(output_layers, len(layers))
-    if model.training and (config.drop_path_rate > 0 or config.attention_dropout > 0):
-        V.fail("model", "eval mode, or train mode without drop_path_rate / attention_dropout (not supported "
-               "packed)", f"drop_path_rate={config.drop_path_rate}, attention_dropout={config.attention_dropout}")
-
-    device = weight.device
     grids = [(img.shape[1] // patch[0], img.shape[2] // patch[1]) for img in images]
-    emb = model.embeddings
-    prefix = torch.cat([emb.cls_token[0], emb.register_tokens[0]]).to(weight.dtype)  # [P, C]
-    P = prefix.shape[0]
-    patches = _patch_embed(emb, images, patch).split([hp * wp for hp, wp in grids])
-    x = torch.cat([t for p in patches for t in (prefix, p)])  # [T, C]: [CLS, regs, patches] per image
-
-    # The metadata, once per forward: on the host (every layer's checks and launch sizes) and one
-    # copy of each tensor on the device (what the kernels read).
-    layout = PackedLayout.from_grids(grids, P)
-    cu = layout.cu_seqlens
-    rope_module = model.rope_embeddings
-    transform = _coord_transform(config, len(images), device) if rope_module.training else None
-    plan = _PackedPlan(
-        int32_on(cu, device), layout.max_seqlen,
-        RopeSpec(int32_on(grids, device), P, float(rope_module.base), _stored_periods(rope_module), transform),
-        layout)
-
-    saved = {}
-    normalized = {i % len(layers) for i in wanted}
-    for i, layer in enumerate(layers):
-        x = _layer_forward(layer, x, plan)
-        if i in normalized:
-            saved[i] = x
-    out = model.norm(x)
+    out, _, cu, P, saved = _encode_tokens(model, _patch_embed(model.embeddings, images, patch), grids, wanted)
 
     def split(t: Tensor) -> List[ImageFeatures]:
         return [ImageFeatures(t[a], t[a + 1:a + P], t[a + P:b].unflatten(0, (hp, wp)))
