@@ -84,9 +84,11 @@ def reference_features(model_dir, image_dir, names, max_side):
         with Image.open(os.path.join(image_dir, name)) as im:
             pixels, grid = proc(im)
         with torch.no_grad():
-            h = model(pixel_values=pixels[None]).last_hidden_state[0]
+            o = model(pixel_values=pixels[None], output_hidden_states=True)
+        h, last = o.last_hidden_state[0], o.hidden_states[-1][0]
         out[name] = dict(cls=h[0], registers=h[1:1 + NUM_REGISTERS],
-                         patches=h[1 + NUM_REGISTERS:].unflatten(0, (grid.Hp, grid.Wp)), grid=grid)
+                         patches=h[1 + NUM_REGISTERS:].unflatten(0, (grid.Hp, grid.Wp)), grid=grid,
+                         last_layer_patches=last[1 + NUM_REGISTERS:].unflatten(0, (grid.Hp, grid.Wp)))
     return out
 
 
@@ -132,11 +134,15 @@ def test_extract_end_to_end(model_dir, image_dir, tmp_path, capsys):
         assert r["status"] == "ok"
         assert r["grid"] == [e["grid"].Hp, e["grid"].Wp]
         assert r["size"] == [16 * e["grid"].Hp, 16 * e["grid"].Wp]
-        assert sorted(f) == ["cls", "layers.0.cls", "layers.0.patches", "layers.0.registers", "patches", "registers"]
+        # -1 is the last layer before the final norm (layer 1 of 2), as in encode_packed; the final
+        # normed output is always there as cls / registers / patches
+        assert sorted(f) == ["cls", "layers.0.cls", "layers.0.patches", "layers.0.registers",
+                             "layers.1.cls", "layers.1.patches", "layers.1.registers", "patches", "registers"]
         for key in ("cls", "registers", "patches"):
             assert f[key].shape == e[key].shape and f[key].dtype == torch.float32
             assert_close(f[key], e[key], scale=MODEL_TOL_SCALE)
         assert f["layers.0.patches"].shape == e["patches"].shape
+        assert_close(f["layers.1.patches"], e["last_layer_patches"], scale=MODEL_TOL_SCALE)
     assert records["rotated.png"]["original_size"] == [72, 40]  # EXIF orientation 6 turns it upright
     assert records["b.jpg"]["original_size"] == [130, 33]
     # several shards were not needed here, but the batches were token-budgeted: 100 tokens max
