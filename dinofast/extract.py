@@ -773,7 +773,7 @@ def _plan(args, model, output_layers) -> Tuple[List[Tuple[str, str]], int]:
     config = {
         "model": os.path.abspath(args.model), "model_fingerprint": model_fingerprint(model),
         "max_side": args.max_side, "patch_size": int(cfg.patch_size), "dtype": args.dtype,
-        "layers": output_layers, "hidden_size": int(cfg.hidden_size),
+        "layers": output_layers, "num_layers": int(cfg.num_hidden_layers), "hidden_size": int(cfg.hidden_size),
     }
     images = list_images(args.images)
     if os.path.isdir(args.out):
