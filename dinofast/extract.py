@@ -387,10 +387,10 @@ def part_files(out_dir: str) -> List[str]:
     return sorted(glob.glob(os.path.join(glob.escape(out_dir), "index.r*.jsonl")))
 
 
-def load_records(out_dir: str) -> Dict[str, dict]:
+def load_records(out_dir: str, drop_missing: bool = True) -> Dict[str, dict]:
     """Current state, read-only: index.jsonl, then the parts (later records win, except that an
-    error never hides an ok record); ok records whose shard is gone are dropped, so those images
-    are done again. Insertion order is index order."""
+    error never hides an ok record); ok records whose shard is gone are dropped (drop_missing), so
+    those images are done again. Insertion order is index order."""
     records: Dict[str, dict] = {}
     exists: Dict[str, bool] = {}
     for path in [os.path.join(out_dir, INDEX)] + part_files(out_dir):
@@ -398,7 +398,7 @@ def load_records(out_dir: str) -> Dict[str, dict]:
             if r.get("status") == "ok":
                 if r["shard"] not in exists:
                     exists[r["shard"]] = os.path.isfile(os.path.join(out_dir, r["shard"]))
-                if not exists[r["shard"]]:
+                if drop_missing and not exists[r["shard"]]:
                     continue
             if r.get("status") == "error" and records.get(r["path"], {}).get("status") == "ok":
                 continue
@@ -649,7 +649,7 @@ def check_output(args) -> int:
     leftovers = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(out), "*.tmp"))]
     if leftovers:
         problems.append(f"unfinished files {leftovers}")
-    records = load_records(out)
+    records = load_records(out, drop_missing=False)
     by_shard: Dict[str, List[dict]] = {}
     for r in records.values():
         if r.get("status") == "ok":
@@ -660,6 +660,9 @@ def check_output(args) -> int:
         if shard not in by_shard:
             problems.append(f"{shard}: no index record points to it")
     for shard, recs in by_shard.items():
+        if not os.path.isfile(os.path.join(out, shard)):
+            problems.append(f"{shard} is missing ({len(recs)} image(s) indexed in it)")
+            continue
         try:
             with safe_open(os.path.join(out, shard), framework="pt") as f:
                 shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
