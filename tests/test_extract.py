@@ -582,3 +582,46 @@ def test_extract_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for opt in ("--model", "--images", "--out", "--max-side", "--max-tokens-per-batch", "--layers", "--dtype", "--device"):
         assert opt in text
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(argv, world_size=2, timeout=240):
+    """Start the ranks as torchrun would (RANK / WORLD_SIZE / MASTER_* in the environment, gloo on
+    CPU); returns one CompletedProcess per rank."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-m", "dinofast", "extract", *argv], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+@pytest.mark.parametrize("bad", ["images typo (rank 0 decides)", "argument (every rank parses)"])
+def test_refusal_under_two_gloo_ranks(model_dir, image_dir, tmp_path, bad):
+    images, _, _ = image_dir
+    out = str(tmp_path / "o")
+    argv = args_for(model_dir, images + "-typo", out, "--no-progress", "--device", "cpu")
+    if bad.startswith("argument"):
+        argv = args_for(model_dir, images, out, "--no-progress", "--shard-mb", "nan")
+    ranks = run_ranks(argv)
+    for r in ranks:
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    said = [line for r in ranks for line in r.stderr.splitlines() if "error:" in line]
+    assert len(said) == 1 and len([line for line in ranks[0].stderr.splitlines() if line.strip()]) == 1, said
+    assert ("typo" in said[0]) if bad.startswith("images") else ("--shard-mb" in said[0])
+    assert not os.path.exists(out)
