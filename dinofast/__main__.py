@@ -10,13 +10,12 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from typing import Dict, List, Optional, Tuple
 
 from dinofast._cli import Parser, positive_int  # light: no torch import
 
-SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
-    "check": ("dinofast.__main__", "every backend of every op against the reference: shapes, tolerance, PASS/FAIL "
-                                   "(the default)"),
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("dinofast.__main__",
+              "every backend of every op against the reference: shapes, tolerance, PASS/FAIL (the default)"),
     "extract": ("dinofast.extract", "DINOv3 features for a folder or glob of images (resumable, torchrun-ready)"),
     "pca": ("dinofast.features", "pictures of extracted features: each image beside a PCA-to-RGB map of its patches"),
     "convert": ("dinofast.models.checkpoint", "write an original-layout DINOv3 checkpoint as a transformers directory"),
@@ -78,7 +77,7 @@ def main_check(args) -> int:
     return 1 if failures else 0
 
 
-def _run_subcommand(name: str, argv: List[str]) -> int:
+def _run_subcommand(name: str, argv: list[str]) -> int:
     module_name, summary = SUBCOMMANDS[name]
     if name == "check":
         parser = add_arguments(Parser(prog="dinofast check", description=summary + "."))
@@ -90,7 +89,7 @@ def _run_subcommand(name: str, argv: List[str]) -> int:
     return module.main(argv) or 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(_top_help())

@@ -37,12 +37,20 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from dinofast._cli import Parser, UsageError, one_line, positive_float, positive_int, say, show_path
+from dinofast._cli import (
+    Parser,
+    UsageError,
+    one_line,
+    positive_float,
+    positive_int,
+    say,
+    show_path,
+)
 from dinofast.data.processor import Grid, ImageProcessor, image_size
 from dinofast.data.sampler import TokenBudgetSampler
 
@@ -174,7 +182,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device):
     return model.eval()
 
 
-def resolve_layers(layers: Sequence[int], num_layers: int) -> List[int]:
+def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
     """--layers values as sorted non-negative layer indices (negative ones count from the end)."""
     bad = [i for i in layers if not -num_layers <= i < num_layers]
     if bad:
@@ -214,7 +222,7 @@ class Dist:
         self.owns_group = False
         if self.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            kwargs = dict(backend=backend, timeout=datetime.timedelta(hours=6))
+            kwargs = {"backend": backend, "timeout": datetime.timedelta(hours=6)}
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # NCCL object collectives use the current device
                 kwargs["device_id"] = device
@@ -243,13 +251,13 @@ class Dist:
 
 # ---- listing ---------------------------------------------------------------------------------------
 
-def _scan(root: str, max_depth: int) -> Iterator[Tuple[str, List[str]]]:
+def _scan(root: str, max_depth: int) -> Iterator[tuple[str, list[str]]]:
     """(file path, its components below root) for every file under root, sorted, symlinked
     directories followed but each real directory entered once (a symlink loop ends), at most
     max_depth levels down. Unreadable directories are skipped."""
     entered = set()
 
-    def visit(path: str, parts: List[str]):
+    def visit(path: str, parts: list[str]):
         try:
             st = os.stat(path)
             if (st.st_dev, st.st_ino) in entered:
@@ -284,7 +292,7 @@ def _match(parts: Sequence[str], pattern: Sequence[str]) -> bool:
     return fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
 
 
-def _dedupe(found: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+def _dedupe(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Sorted by recorded path; the first path of each real file kept, `file` made its real path."""
     out, seen = [], set()
     for recorded, path in sorted(found, key=lambda p: os.fsencode(p[0])):
@@ -299,7 +307,7 @@ def _dedupe(found: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
     return out
 
 
-def list_images(spec: str) -> List[Tuple[str, str]]:
+def list_images(spec: str) -> list[tuple[str, str]]:
     """(recorded path, file) pairs sorted by the recorded path's bytes, each real file once.
 
     A directory is searched recursively for IMAGE_EXTENSIONS and paths are recorded relative to it;
@@ -339,7 +347,7 @@ def image_id(path: str) -> str:
 
 # ---- the index -----------------------------------------------------------------------------------
 
-def read_jsonl(path: str) -> List[dict]:
+def read_jsonl(path: str) -> list[dict]:
     """Records of a JSONL file; a line that does not parse (a torn last line) is ignored."""
     out = []
     if not os.path.exists(path):
@@ -383,16 +391,16 @@ def repair_jsonl(path: str) -> None:
             os.fsync(f.fileno())
 
 
-def part_files(out_dir: str) -> List[str]:
+def part_files(out_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(glob.escape(out_dir), "index.r*.jsonl")))
 
 
-def load_records(out_dir: str, drop_missing: bool = True) -> Dict[str, dict]:
+def load_records(out_dir: str, drop_missing: bool = True) -> dict[str, dict]:
     """Current state, read-only: index.jsonl, then the parts (later records win, except that an
     error never hides an ok record); ok records whose shard is gone are dropped (drop_missing), so
     those images are done again. Insertion order is index order."""
-    records: Dict[str, dict] = {}
-    exists: Dict[str, bool] = {}
+    records: dict[str, dict] = {}
+    exists: dict[str, bool] = {}
     for path in [os.path.join(out_dir, INDEX)] + part_files(out_dir):
         for r in read_jsonl(path):
             if r.get("status") == "ok":
@@ -406,17 +414,17 @@ def load_records(out_dir: str, drop_missing: bool = True) -> Dict[str, dict]:
     return records
 
 
-def _shard_keys(path: str) -> List[str]:
+def _shard_keys(path: str) -> list[str]:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         return list(f.keys())
 
 
-def incomplete_shards(out_dir: str, records: Dict[str, dict]) -> List[str]:
+def incomplete_shards(out_dir: str, records: dict[str, dict]) -> list[str]:
     """Shards holding tensors that no record claims (a crash or full disk between a shard's
     rename and the last of its index lines)."""
-    claimed: Dict[str, set] = {}
+    claimed: dict[str, set] = {}
     for r in records.values():
         if r.get("status") == "ok":
             claimed.setdefault(r["shard"], set()).update(r["keys"])
@@ -425,12 +433,12 @@ def incomplete_shards(out_dir: str, records: Dict[str, dict]) -> List[str]:
         try:
             if not set(_shard_keys(os.path.join(out_dir, shard))) <= keys:
                 bad.append(shard)
-        except Exception:  # an unreadable shard is redone like an incomplete one
+        except Exception:  # noqa: BLE001 -- an unreadable shard (any error) is redone like an incomplete one
             bad.append(shard)
     return bad
 
 
-def prepare_resume(out_dir: str) -> Dict[str, dict]:
+def prepare_resume(out_dir: str) -> dict[str, dict]:
     """Make the directory consistent before a run adds to it: cut torn index lines, drop the
     records of incomplete shards, remove unfinished (*.tmp), incomplete and unindexed shards.
     Returns the records that stand."""
@@ -449,17 +457,16 @@ def prepare_resume(out_dir: str) -> Dict[str, dict]:
     return records
 
 
-def write_index(out_dir: str, records: Dict[str, dict]) -> None:
+def write_index(out_dir: str, records: dict[str, dict]) -> None:
     tmp = os.path.join(out_dir, INDEX + ".tmp")
     with open(tmp, "wb") as f:
-        for path in sorted(records, key=os.fsencode):
-            f.write(json.dumps(records[path], sort_keys=True).encode("ascii") + b"\n")
+        f.writelines(json.dumps(records[path], sort_keys=True).encode("ascii") + b"\n" for path in sorted(records, key=os.fsencode))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(out_dir, INDEX))
 
 
-def merge_index(out_dir: str) -> Dict[str, dict]:
+def merge_index(out_dir: str) -> dict[str, dict]:
     """index.jsonl := every standing record, sorted by path bytes; the parts removed."""
     parts = part_files(out_dir)
     records = load_records(out_dir)
@@ -474,7 +481,7 @@ def compared_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in INFO_KEYS}
 
 
-def config_conflict(out_dir: str, config: dict) -> Optional[str]:
+def config_conflict(out_dir: str, config: dict) -> str | None:
     """Why features made with `config` may not join those in out_dir (None when they may). Read-only."""
     path = os.path.join(out_dir, CONFIG)
     if not os.path.exists(path):
@@ -524,7 +531,7 @@ def current_umask() -> int:
 _write = os.write  # the one call that appends index lines (tests simulate a full disk here)
 
 
-def append_lines(path: str, records: List[dict]) -> None:
+def append_lines(path: str, records: list[dict]) -> None:
     """Append one JSON line per record, each with a single write to an O_APPEND file; a write cut
     short (disk full) is undone to the previous end and raised as ENOSPC, so the file never ends
     in half a line that a later append would run into."""
@@ -559,12 +566,12 @@ class ShardWriter:
         self.seq = 1 + max([int(os.path.basename(p)[len(prefix):].split(".")[0]) for p in taken] or [-1])
         self.part = os.path.join(out_dir, f"index.r{rank:03d}.jsonl")
         self.mode = 0o666 & ~current_umask()
-        self.tensors: Dict[str, torch.Tensor] = {}
-        self.pending: List[dict] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.pending: list[dict] = []
         self.bytes = 0
         self.shards_written = 0
 
-    def add(self, record: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    def add(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors.update(tensors)
         self.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         self.pending.append(record)
@@ -591,7 +598,7 @@ class ShardWriter:
         self.tensors, self.pending, self.bytes = {}, [], 0
 
 
-def save_shard(tensors: Dict[str, torch.Tensor], path: str) -> None:
+def save_shard(tensors: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, path, metadata={"format": "dinofast-features"})
@@ -599,12 +606,12 @@ def save_shard(tensors: Dict[str, torch.Tensor], path: str) -> None:
         os.fsync(f.fileno())
 
 
-def flatten(result, prefix: str) -> Dict[str, torch.Tensor]:
+def flatten(result, prefix: str) -> dict[str, torch.Tensor]:
     """encode_packed's per-image result (ImageFeatures or a dict) -> flat safetensors keys
     `{prefix}/cls`, `{prefix}/registers`, `{prefix}/patches`, nested parts joined with '.'
     (`{prefix}/layers.3.patches`). Each tensor gets its own CPU storage (safetensors refuses
     views that share one)."""
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
 
     def walk(obj, name):
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -631,7 +638,7 @@ def check_output(args) -> int:
     out = args.out
     if not os.path.isdir(out):
         raise UsageError(f"--out {show_path(out)}: expected the directory of an extract run, got none")
-    problems: List[str] = []
+    problems: list[str] = []
     config_path = os.path.join(out, CONFIG)
     config = {}
     if not os.path.exists(config_path):
@@ -650,7 +657,7 @@ def check_output(args) -> int:
     if leftovers:
         problems.append(f"unfinished files {leftovers}")
     records = load_records(out, drop_missing=False)
-    by_shard: Dict[str, List[dict]] = {}
+    by_shard: dict[str, list[dict]] = {}
     for r in records.values():
         if r.get("status") == "ok":
             by_shard.setdefault(r["shard"], []).append(r)
@@ -665,8 +672,8 @@ def check_output(args) -> int:
             continue
         try:
             with safe_open(os.path.join(out, shard), framework="pt") as f:
-                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as err:
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
+        except Exception as err:  # noqa: BLE001 -- any unreadable shard is a problem to report
             problems.append(f"{shard}: unreadable ({one_line(err)})")
             continue
         claimed = set()
@@ -711,7 +718,7 @@ def check_output(args) -> int:
 class Item:
     path: str  # as recorded in the index
     file: str  # where to read it (symlinks resolved)
-    original_size: Tuple[int, int]
+    original_size: tuple[int, int]
     grid: Grid
 
 
@@ -723,14 +730,14 @@ class Summary:
     tokens: int = 0
     seconds: float = 0.0
     shards: int = 0
-    error_paths: List[str] = field(default_factory=list)
+    error_paths: list[str] = field(default_factory=list)
 
 
-def _header(args) -> Tuple[str, str, Optional[Tuple[int, int]], Optional[str]]:
+def _header(args) -> tuple[str, str, tuple[int, int] | None, str | None]:
     path, file = args
     try:
         return path, file, image_size(file), None
-    except Exception as err:  # any unreadable file becomes an index record, never a crash
+    except Exception as err:  # noqa: BLE001 -- any unreadable file becomes an index record, never a crash
         return path, file, None, f"{type(err).__name__}: {err}"
 
 
@@ -742,7 +749,7 @@ def _decode(item: Item, processor: ImageProcessor):
             im.load()
             pixels, grid = processor(im)
         return pixels, grid, None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- as in _header
         return None, None, f"{type(err).__name__}: {err}"
 
 
@@ -769,7 +776,7 @@ def run(args) -> Summary:
         dist.close()
 
 
-def _plan(args, model, output_layers) -> Tuple[List[Tuple[str, str]], int]:
+def _plan(args, model, output_layers) -> tuple[list[tuple[str, str]], int]:
     """Rank 0: list the images, check the settings against the output, then (only now) create and
     repair the output; returns (images left to do, images already done)."""
     cfg = model.config

@@ -14,8 +14,7 @@ import collections
 import json
 import os
 import re
-from collections.abc import Mapping
-from typing import Dict, Iterator, List, Optional, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -49,10 +48,10 @@ class FeatureStore(Mapping):
             raise ValueError(f"out_dir: expected a directory holding {extract.INDEX}, got {self.out_dir!r} without one")
         records = extract.load_records(self.out_dir)
         self._records = {p: r for p, r in records.items() if r.get("status") == "ok"}
-        self.errors: Dict[str, str] = {p: r.get("error", "") for p, r in records.items() if r.get("status") != "ok"}
-        self.paths: List[str] = list(self._records)
+        self.errors: dict[str, str] = {p: r.get("error", "") for p, r in records.items() if r.get("status") != "ok"}
+        self.paths: list[str] = list(self._records)
         self.max_open_shards = max_open_shards
-        self._handles: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+        self._handles: collections.OrderedDict[str, object] = collections.OrderedDict()
         self._pid = os.getpid()
 
     # -- Mapping
@@ -68,8 +67,8 @@ class FeatureStore(Mapping):
     def __getitem__(self, path) -> ImageFeatures:
         r = self.record(path)
         prefix = r["id"] + "/"
-        parts: Dict[str, torch.Tensor] = {k[len(prefix):]: self._get(r["shard"], k) for k in r["keys"]}
-        layers: Dict[int, Dict[str, torch.Tensor]] = {}
+        parts: dict[str, torch.Tensor] = {k[len(prefix):]: self._get(r["shard"], k) for k in r["keys"]}
+        layers: dict[int, dict[str, torch.Tensor]] = {}
         for name, t in parts.items():
             if name.startswith("layers."):
                 _, i, what = name.split(".", 2)
@@ -125,7 +124,7 @@ class FeatureStore(Mapping):
         state["_handles"] = collections.OrderedDict()
         return state
 
-    def image_file(self, path, images_root: Optional[str] = None) -> str:
+    def image_file(self, path, images_root: str | None = None) -> str:
         """The image file `path` was read from: `images_root`/path when given, else the recorded file."""
         r = self.record(path)
         if images_root is not None:
@@ -134,12 +133,12 @@ class FeatureStore(Mapping):
             return r["file"]
         return r["path"]
 
-    def dataset(self, names: Sequence[str] = ("patches",), paths: Optional[Sequence[str]] = None) -> "FeatureDataset":
+    def dataset(self, names: Sequence[str] = ("patches",), paths: Sequence[str] | None = None) -> FeatureDataset:
         """A torch Dataset over `paths` (default: all, in index order) whose items are dicts
         {"path": str, name: tensor for each of `names`}."""
         return FeatureDataset(self, names, paths)
 
-    def pca_image(self, path, *, images_root: Optional[str] = None, max_side: int = 512, name: str = "patches"):
+    def pca_image(self, path, *, images_root: str | None = None, max_side: int = 512, name: str = "patches"):
         """A PIL image: the image (EXIF-oriented, longest side at most max_side) beside the first
         three principal components of its patch features mapped to RGB and upsampled to the same
         size (the classic DINO picture). name picks the features ("patches", "layers.3.patches")."""
@@ -166,7 +165,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     """store.dataset(...): item i -> {"path": path, name: tensor, ...}; safe in DataLoader workers
     (each process opens its own shard handles)."""
 
-    def __init__(self, store: FeatureStore, names: Sequence[str], paths: Optional[Sequence[str]] = None):
+    def __init__(self, store: FeatureStore, names: Sequence[str], paths: Sequence[str] | None = None):
         self.store, self.names = store, tuple(names)
         self.paths = list(store.paths if paths is None else paths)
 

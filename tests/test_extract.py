@@ -319,7 +319,8 @@ def test_other_weights_at_the_same_path_are_refused(image_dir, tmp_path, capsys)
     save_random_model(model_path, seed=1)
     argv = args_for(model_path, os.path.join(images, "e.png"), out, "--no-progress")
     assert extract.main(argv) == 0
-    stored = json.load(open(os.path.join(out, "extract_config.json")))["model_fingerprint"]
+    with open(os.path.join(out, "extract_config.json")) as f:
+        stored = json.load(f)["model_fingerprint"]
     import shutil
 
     shutil.rmtree(model_path)
@@ -331,8 +332,8 @@ def test_other_weights_at_the_same_path_are_refused(image_dir, tmp_path, capsys)
 
 
 def test_same_weights_from_another_path_or_layout_are_accepted(image_dir, tmp_path, capsys):
-    from tests.test_checkpoint import save, to_original_layout
     from tests.dinov3_models import random_model
+    from tests.test_checkpoint import save, to_original_layout
 
     images, good, bad = image_dir
     source = random_model(seed=3, hidden=128, heads=2, layers=2).cpu()
@@ -420,13 +421,14 @@ def test_torn_index_line_is_repaired_on_resume(model_dir, image_dir, tmp_path, m
     with pytest.raises(Interrupt):
         extract.main(argv)
     part = os.path.join(out, "index.r000.jsonl")
-    lines = open(part, "rb").read().splitlines(keepends=True)
+    with open(part, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
     # a kill -9 in the middle of the last append: half of its line stays
     with open(part, "wb") as f:
         f.write(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
     monkeypatch.setattr(extract, "save_shard", real_save)
     assert extract.main(argv) == 0
-    records, feats = read_output(out)  # also: every tensor of every shard belongs to a record
+    records, _ = read_output(out)  # also: every tensor of every shard belongs to a record
     assert sorted(records) == sorted(good + bad)
     assert all(records[n]["status"] == "ok" for n in good)
 
@@ -449,7 +451,8 @@ def test_disk_full_during_the_index_append(model_dir, image_dir, tmp_path, monke
     msg = refused(capsys, argv, rc=1)
     assert "no space left on the device" in msg and "run the same command again" in msg
     part = os.path.join(out, "index.r000.jsonl")
-    assert open(part, "rb").read().endswith(b"\n"), "a half line was left for the next append to run into"
+    with open(part, "rb") as f:
+        assert f.read().endswith(b"\n"), "a half line was left for the next append to run into"
     monkeypatch.setattr(extract, "_write", real_write)
     assert extract.main(argv) == 0
     records, _ = read_output(out)

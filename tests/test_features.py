@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 
 import dinofast
 from dinofast import extract, features
@@ -24,10 +23,11 @@ def extracted(model_dir, image_dir, tmp_path_factory):  # noqa: F811
 
 
 def test_store_equals_the_shards(extracted):
-    out, images, good, bad = extracted
+    out, _, good, bad = extracted
     records, feats = read_output(out)  # load_file of whole shards: the independent reader
     store = dinofast.FeatureStore(out)
-    index_order = [json.loads(line)["path"] for line in open(os.path.join(out, "index.jsonl"))]
+    with open(os.path.join(out, "index.jsonl")) as f:
+        index_order = [json.loads(line)["path"] for line in f]
     assert list(store) == store.paths == [p for p in index_order if p in good]
     assert len(store) == len(good) and sorted(store.errors) == sorted(bad)
     assert all(store.errors[p] for p in bad)
@@ -216,7 +216,7 @@ def test_pca_image_is_the_photo_beside_its_map(photos):
 
 
 def test_pca_command_writes_pictures_and_a_contact_sheet(photos, tmp_path, capsys):
-    root, out, sizes = photos
+    _, out, sizes = photos
     pics = str(tmp_path / "pics")
     assert dinofast.__main__.main(["pca", out, "--out", pics, "--limit", "2", "--max-side", "64"]) == 0
     files = sorted(os.listdir(pics))
