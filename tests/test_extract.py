@@ -570,6 +570,11 @@ def test_two_gloo_ranks_match_one_process(model_dir, image_dir, tmp_path):
             assert_close(f2[name][key], f1[name][key], scale=MODEL_TOL_SCALE)
     for name in bad:
         assert rec2[name]["status"] == "error"
+    # the reader sees the two ranks' shards as one store, equal to what load_file reads
+    store = dinofast.FeatureStore(two)
+    assert sorted(store) == sorted(good) and sorted(store.errors) == sorted(bad)
+    for name in good:
+        assert torch.equal(store[name].patches, f2[name]["patches"])
     # rank 0 refusing (other settings) stops every rank with its reason instead of leaving rank 1
     # waiting for a work list
     r3 = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dinofast",
