@@ -22,4 +22,6 @@ from dinofast.models import (  # noqa: F401
 )
 from dinofast.data import Grid, ImageProcessor, Packed, TokenBudgetSampler, image_token_string, pack  # noqa: F401
 
+from dinofast.features import FeatureStore  # noqa: F401,E402
+
 __version__ = "0.1.0"
