@@ -14,6 +14,7 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "convert": "dinofast.models.checkpoint:main",  # original-layout DINOv3 checkpoint -> transformers dir
     "extract": "dinofast.extract:main",  # features for a dataset, torchrun-ready
+    "bench": "dinofast.bench:cli",  # parity, timings and the test-suite on one device -> report.md/json
 }
 
 
