@@ -287,9 +287,11 @@ def parity_case(name: str):
     return register
 
 
-def timing_case(name: str):
+def timing_case(name: str, per_pack: bool = False):
+    """Register fn(ctx, clock) -> rows; with per_pack, fn(ctx, clock, pack) runs for every pack."""
     def register(fn):
-        TIMING_CASES[name] = fn
+        TIMING_CASES[name] = (lambda ctx, clock: [row for pk in ctx.packs for row in fn(ctx, clock, pk)]
+                              ) if per_pack else fn
         return fn
     return register
 
@@ -544,7 +546,7 @@ def timing_row(ctx: Context, clock: Clock, op: str, shape: str, impl: str, fn: C
     """Median time of fn() under context(); TFLOP/s against the measured matmul ceiling and GB/s
     against the measured copy ceiling. An implementation that cannot run here is a skipped row."""
     row = {"op": op, "shape": shape, "dtype": _dtype_name(TIMING_DTYPE), "impl": impl, "ms": None,
-               "tflops": None, "gbps": None, "roofline_pct": None, "note": note, "skipped": None}
+           "tflops": None, "gbps": None, "roofline_pct": None, "note": note, "skipped": None}
 
     def call():
         with context():
@@ -693,11 +695,7 @@ def attention_impls(ctx: Context, pk: Pack, q, k, v) -> list[tuple[str, Callable
     return impls
 
 
-@timing_case("varlen_attention")
-def time_attention(ctx: Context, clock: Clock) -> list[dict]:
-    return [row for pk in ctx.packs for row in _time_attention_pack(ctx, clock, pk)]
-
-
+@timing_case("varlen_attention", per_pack=True)
 def _time_attention_pack(ctx: Context, clock: Clock, pk: Pack) -> list[dict]:
     s, rows = ctx.sizes, []
     q, k, v = (randn((pk.T, s.heads, s.head_dim), TIMING_DTYPE, ctx.device, seed) for seed in (30, 31, 32))
@@ -732,11 +730,7 @@ def _unavailable(why: str) -> Callable:
     return fn
 
 
-@timing_case("rope2d")
-def time_rope2d(ctx: Context, clock: Clock) -> list[dict]:
-    return [row for pk in ctx.packs for row in _time_rope2d_pack(ctx, clock, pk)]
-
-
+@timing_case("rope2d", per_pack=True)
 def _time_rope2d_pack(ctx: Context, clock: Clock, pk: Pack) -> list[dict]:
     from dinofast.ops.rope2d import rope2d
 
@@ -762,11 +756,7 @@ def _time_rope2d_pack(ctx: Context, clock: Clock, pk: Pack) -> list[dict]:
     return rows
 
 
-@timing_case("pixel_shuffle_project")
-def time_pixel_shuffle_project(ctx: Context, clock: Clock) -> list[dict]:
-    return [row for pk in ctx.packs for row in _time_psp_pack(ctx, clock, pk)]
-
-
+@timing_case("pixel_shuffle_project", per_pack=True)
 def _time_psp_pack(ctx: Context, clock: Clock, pk: Pack) -> list[dict]:
     from dinofast.ops.pixel_shuffle_project import pixel_shuffle_project
 
@@ -830,7 +820,8 @@ def run_tests(ctx: Context, timeout_s: float) -> dict:
     tests_dir = REPO_ROOT / "tests"
     if not tests_dir.is_dir():
         return {"status": "skipped", "reason": f"no tests/ next to the package ({tests_dir})"}
-    targets = list(QUICK_TESTS) if ctx.quick else ["tests/"]
+    # test_bench.py runs this command's CPU quick mode: not part of measuring a device (and no recursion)
+    targets = list(QUICK_TESTS) if ctx.quick else ["tests/", "--ignore=tests/test_bench.py"]
     xml = ctx.out_dir / "pytest.xml"
     cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"]
     env = dict(os.environ)
