@@ -843,7 +843,9 @@ def run_tests(ctx: Context, timeout_s: float) -> dict:
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         n, fail, err, skip = (int(suite.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
-        result.update(tests=n, passed=n - fail - err - skip, failed=fail, errors=err, skipped=skip)
+        result.update(tests=n, passed=n - fail - err - skip, failed=fail, errors=err, skipped=skip,
+                      not_passed=[f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                                  if case.find("failure") is not None or case.find("error") is not None][:100])
     return result
 
 
@@ -933,6 +935,7 @@ def render_markdown(report: dict) -> str:
         lines += ["## Test-suite on the device", "", f"`{t.get('command', '')}`: {t.get('status')}"
                   + (f", {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped "
                      f"in {t['seconds']:.0f} s" if "tests" in t else f" ({t.get('reason', '')})"), ""]
+        lines += [f"- FAILED {name}" for name in t.get("not_passed", [])] + [""] * bool(t.get("not_passed"))
     if report.get("seconds"):
         lines += ["## Section times (s)", "", " | ".join(f"{k}: {v:.1f}" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
