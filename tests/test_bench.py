@@ -186,3 +186,14 @@ def test_clock_and_skipped_rows():
         raise RuntimeError("no kernel here")
     row = bench.timing_row(ctx, clock, "op", "shape", "impl", boom)
     assert row["ms"] is None and "no kernel here" in row["skipped"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_mode_without_a_gpu_says_so(tmp_path, capsys):
+    assert bench.cli(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_unknown_section_is_refused(tmp_path, capsys):
+    assert bench.cli(["--device", "cpu", "--quick", "--sections", "parity,speed", "--out", str(tmp_path)]) == 2
+    assert "speed" in capsys.readouterr().err
