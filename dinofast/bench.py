@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -936,6 +937,8 @@ def render_markdown(report: dict) -> str:
                   + (f", {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped "
                      f"in {t['seconds']:.0f} s" if "tests" in t else f" ({t.get('reason', '')})"), ""]
         lines += [f"- FAILED {name}" for name in t.get("not_passed", [])] + [""] * bool(t.get("not_passed"))
+    for name, err in report.get("section_errors", {}).items():
+        lines += [f"**Section `{name}` crashed: {err[:500]}**", ""]
     if report.get("seconds"):
         lines += ["## Section times (s)", "", " | ".join(f"{k}: {v:.1f}" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
@@ -998,9 +1001,14 @@ def main(args: argparse.Namespace) -> int:
     clock = Clock(device, ctx.sizes.flush_mb) if {"ceilings", "timing"} & set(sections) else None
 
     def section(name, fn):
+        """Run one section; a crash is recorded (and printed) and the next section still runs."""
         t0 = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
-        fn()
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 -- one broken section must not lose the others' numbers
+            traceback.print_exc()
+            ctx.report.setdefault("section_errors", {})[name] = f"{type(err).__name__}: {err}"
         ctx.report["seconds"][name] = time.perf_counter() - t0
         write_report(ctx)
 
@@ -1023,13 +1031,15 @@ def main(args: argparse.Namespace) -> int:
     if "tests" in sections:
         left = args.budget_s - (time.perf_counter() - start)
         section("tests", lambda: ctx.report.update(tests=run_tests(ctx, max(60.0, left - 10))))
+    ctx.report["seconds"]["total"] = time.perf_counter() - start
     write_report(ctx)
     summary = ctx.report["summary"]
     tests = ctx.report.get("tests") or {}
     print(render_markdown(ctx.report))
     print(f"[bench] wrote {ctx.out_dir / 'report.md'} and report.json in {time.perf_counter() - start:.0f} s")
     tests_failed = tests.get("failed", 0) + tests.get("errors", 0) > 0 or str(tests.get("status", "")).startswith("timed")
-    return 1 if summary["parity_fail"] or tests_failed else 0
+    parity_crashed = any(name.startswith("parity") for name in ctx.report.get("section_errors", {}))
+    return 1 if summary["parity_fail"] or parity_crashed or tests_failed else 0
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -197,3 +197,14 @@ def test_cuda_mode_without_a_gpu_says_so(tmp_path, capsys):
 def test_unknown_section_is_refused(tmp_path, capsys):
     assert bench.cli(["--device", "cpu", "--quick", "--sections", "parity,speed", "--out", str(tmp_path)]) == 2
     assert "speed" in capsys.readouterr().err
+
+
+def test_a_crashing_section_is_reported_and_fails_the_command(tmp_path, monkeypatch):
+    def crash(ctx, *args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(bench, "PARITY_CASES", {"crash": crash})
+    monkeypatch.setattr(bench, "TIMING_CASES", {"crash": crash})
+    assert bench.cli(["--device", "cpu", "--quick", "--sections", "parity,timing", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["section_errors"]) == {"parity: crash", "timing: crash"}
+    assert "out of memory" in (tmp_path / "report.md").read_text()
