@@ -812,7 +812,8 @@ def time_models(ctx: Context, clock: Clock) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
-QUICK_TESTS = ("tests/test_backend.py",)
+# --quick: the backend-table tests, less the two that start fresh interpreters (seconds each)
+QUICK_TESTS = ("tests/test_backend.py", "-k", "not warns_once_and_falls_back")
 
 
 def run_tests(ctx: Context, timeout_s: float) -> dict:
@@ -829,6 +830,7 @@ def run_tests(ctx: Context, timeout_s: float) -> dict:
     env.pop(BREAK_ENV, None)
     if ctx.device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the tests pick CUDA whenever they see it
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as this process (see --threads)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
@@ -978,6 +980,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a small test file (for CPU and CI)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads, also for the test-suite (default: torch's; 1 with --quick, where "
+                             "OpenMP wake-ups on a shared CI machine cost more than the tiny work)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="wall-clock budget; the test-suite gets what the other sections left (default 480)")
 
@@ -992,6 +997,12 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"dinofast bench: --sections: expected names from {SECTIONS}, got {unknown}", file=sys.stderr)
         return 2
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        if threads < 1:
+            print(f"dinofast bench: --threads: expected a positive int, got {threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     ctx = Context(device=device, quick=args.quick, sizes=QUICK if args.quick else FULL, out_dir=args.out,
                   backends=measured_backends(device), report={}, break_case=os.environ.get(BREAK_ENV, ""))
