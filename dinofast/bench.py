@@ -941,6 +941,8 @@ def render_markdown(report: dict) -> str:
         lines += [f"- FAILED {name}" for name in t.get("not_passed", [])] + [""] * bool(t.get("not_passed"))
     for name, err in report.get("section_errors", {}).items():
         lines += [f"**Section `{name}` crashed: {err[:500]}**", ""]
+    for name, why in report.get("sections_not_run", {}).items():
+        lines += [f"Section `{name}` not run: {why}.", ""]
     if report.get("seconds"):
         lines += ["## Section times (s)", "", " | ".join(f"{k}: {v:.1f}" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
@@ -972,6 +974,7 @@ def write_report(ctx: Context) -> None:
 # Command line
 # ---------------------------------------------------------------------------------------------
 SECTIONS = ("ceilings", "parity", "timing", "tests")
+TESTS_RESERVE_S = 150.0  # timing cases that would start later than budget - this are skipped (and said so)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1033,7 +1036,12 @@ def main(args: argparse.Namespace) -> int:
                 section(f"parity: {name}", lambda fn=fn: ctx.report["parity"].extend(fn(ctx)))
     if "timing" in sections:
         ctx.report["timing"] = []
+        reserve = TESTS_RESERVE_S if "tests" in sections else 0.0
         for name, fn in TIMING_CASES.items():
+            if time.perf_counter() - start > args.budget_s - reserve:  # leave the test-suite its time
+                ctx.report.setdefault("sections_not_run", {})[f"timing: {name}"] = (
+                    f"past the budget ({args.budget_s:.0f} s less {reserve:.0f} s kept for the tests)")
+                continue
             section(f"timing: {name}", lambda fn=fn: ctx.report["timing"].extend(fn(ctx, clock)))
     ctx._model = None
     clock = None

@@ -208,3 +208,13 @@ def test_a_crashing_section_is_reported_and_fails_the_command(tmp_path, monkeypa
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["section_errors"]) == {"parity: crash", "timing: crash"}
     assert "out of memory" in (tmp_path / "report.md").read_text()
+
+
+def test_timing_cases_past_the_budget_are_skipped_and_said_so(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench, "TIMING_CASES", {"late": lambda ctx, clock: ran.append(1) or []})
+    assert bench.cli(["--device", "cpu", "--quick", "--sections", "timing", "--budget-s", "0",
+                      "--out", str(tmp_path)]) == 0
+    assert ran == []
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "past the budget" in report["sections_not_run"]["timing: late"]
