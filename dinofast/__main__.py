@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from dinofast._cli import Parser, positive_int  # light: no torch import
@@ -19,9 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("dinofast.extract", "DINOv3 features for a folder or glob of images (resumable, torchrun-ready)"),
     "pca": ("dinofast.features", "pictures of extracted features: each image beside a PCA-to-RGB map of its patches"),
     "convert": ("dinofast.models.checkpoint", "write an original-layout DINOv3 checkpoint as a transformers directory"),
+    "bench": ("dinofast.bench", "parity, timings against torch's peers and the test-suite on one device -> report.md/json"),
 }
-if importlib.util.find_spec("dinofast.bench") is not None:
-    SUBCOMMANDS["bench"] = ("dinofast.bench", "speed of the ops and models on this machine")
 
 
 def _version() -> str:
