@@ -347,3 +347,16 @@ def test_aot_compile(aot_rope2d, config):
     assert k.spill_stores == 0 and k.spill_loads == 0, k.summary()
     assert f".target sm_{k.capability}" in k.ptx
     assert "cos.approx" not in k.ptx and "sin.approx" not in k.ptx, "angles need accurate sin/cos"
+
+
+def test_cached_frequencies_from_inference_mode_serve_autograd():
+    """The default-theta frequencies are cached; a first call under inference_mode must not leave
+    an inference tensor that a later differentiable call cannot save for backward."""
+    head_dim, theta = 24, 123.0  # a (D, theta) pair no other test caches
+    q, k = (randn(1, 2, 5 + 6, head_dim, seed=s) for s in (1, 2))
+    with torch.inference_mode():
+        dinofast.rope2d(q.clone(), k.clone(), (2, 3), num_prefix_tokens=5, theta=theta)
+    qg = q.clone().requires_grad_(True)
+    qr, _ = dinofast.rope2d(qg, k, (2, 3), num_prefix_tokens=5, theta=theta)
+    qr.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()

@@ -50,7 +50,10 @@ def rope_inv_freq(head_dim: int, theta: float, periods: Optional[Tensor], device
 
 @functools.lru_cache(maxsize=64)
 def _cached_inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
-    return inv_freq(head_dim, theta, device=device)
+    # A tensor made under inference_mode could never be saved for a later backward: the cached one
+    # must be a normal tensor whatever mode its first caller ran in.
+    with torch.inference_mode(False):
+        return inv_freq(head_dim, theta, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
