@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from dinofast import _validate as V
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_
@@ -70,15 +71,38 @@ def _patch_size(config) -> Tuple[int, int]:
     return (int(p[0]), int(p[1])) if isinstance(p, (tuple, list)) else (int(p), int(p))
 
 
+def _tracing(t: Tensor) -> bool:
+    """True while a compiler traces the forward (torch.compile, torch.export strict or not, jit): the
+    tensors are then fakes or proxies, so no data_ptr, version-keyed cache or oneDNN-only op."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fake(t)
+            or torch._is_functional_tensor(t))
+
+
+def _version_key(*tensors: Optional[Tensor]) -> Optional[tuple]:
+    """A key that changes whenever one of `tensors` is replaced or modified in place (None for
+    inference tensors: they have no version counter, so nothing cached from them can be trusted)."""
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
+        if t.is_inference():
+            return None
+        key.append((t.data_ptr(), t._version, t.device, t.dtype, t.shape))
+    return tuple(key)
+
+
 def _stored_periods(rope_module) -> Optional[Tensor]:
     """None when rope_module.inv_freq is transformers' default (the kernels then compute it from
     theta, bit for bit), else the periods 1/inv_freq (e.g. loaded from a checkpoint).
-    Cached per inv_freq version so a forward costs no host sync."""
+    Cached per inv_freq version so an eager forward costs no host sync. While a compiler traces,
+    the value of inv_freq is unknown, so the periods are always 1/inv_freq (a node of the graph)."""
     inv = rope_module.inv_freq
-    # (inference tensors have no version counter: they cannot be modified outside inference mode)
-    key = (inv.data_ptr(), -1 if inv.is_inference() else inv._version, inv.device)
+    if _tracing(inv):
+        return 1.0 / inv.float()
+    key = _version_key(inv)
     cached = rope_module.__dict__.get("_dinofast_periods")
-    if cached is not None and cached[0] == key:
+    if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     default = default_inv_freq(rope_module.head_dim, rope_module.base, device=inv.device)
     periods = None if torch.equal(inv.float(), default) else (1.0 / inv.float()).contiguous()
@@ -115,17 +139,74 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: fl
     return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope)
 
 
-def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
-    """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM.
+class _FusedLinear(torch.autograd.Function):
+    """y = x @ W.T + b with W, b the cached concatenation of several Linear layers' parameters,
+    differentiable with respect to those layers' own parameters (the gradient of the
+    concatenation is split back, as torch.cat's backward would): training reuses the fused weight
+    instead of concatenating it on every call."""
 
-    The fused weight is concatenated on every call (a copy of 3*C*C values, small next to the GEMM
-    over the tokens), so gradients flow to the original q/k/v parameters and nothing goes stale."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, *params):
+        ctx.save_for_backward(x, weight)
+        ctx.sizes, ctx.has_bias = sizes, [p is not None for p in params[len(sizes):]]
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        n = len(ctx.sizes)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_ws = (g2.t() @ x.reshape(-1, x.shape[-1])).split(ctx.sizes)
+        grad_bs = g2.sum(0).split(ctx.sizes)
+        grads = [gw if ctx.needs_input_grad[4 + i] else None for i, gw in enumerate(grad_ws)]
+        grads += [gb if has and ctx.needs_input_grad[4 + n + i] else None
+                  for i, (gb, has) in enumerate(zip(grad_bs, ctx.has_bias))]
+        return (grad_x, None, None, None, *grads)
+
+
+def _concat_qkv(projs) -> Tuple[Tensor, Optional[Tensor]]:
     weight = torch.cat([p.weight for p in projs])
     bias = None
     if any(p.bias is not None for p in projs):
         bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
-    qkv = F.linear(hidden_states, weight, bias)
+    return weight, bias
+
+
+def _fused_qkv(attn) -> Tuple[Tensor, Optional[Tensor], bool]:
+    """(weight [3C, C], bias [3C] or None, cached): q_proj | k_proj | v_proj concatenated.
+
+    Built once and kept (detached) in the attention module, keyed by the identity and version
+    counter of each of the six tensors: an optimizer step, an in-place edit, load_state_dict or
+    .to() changes a key and the next call rebuilds it. Costs 3*C*C extra values per layer.
+    Not cached (cached=False, a differentiable concatenation) while a compiler traces (the graph
+    gets the concatenation, which the compiler may constant-fold) or for inference tensors (no
+    version counter)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if _tracing(attn.q_proj.weight):
+        return (*_concat_qkv(projs), False)
+    key = _version_key(*(p.weight for p in projs), *(p.bias for p in projs))
+    if key is None:
+        return (*_concat_qkv(projs), False)
+    cached = attn.__dict__.get("_dinofast_qkv")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, *_concat_qkv(projs))
+        attn.__dict__["_dinofast_qkv"] = cached
+    return cached[1], cached[2], True
+
+
+def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
+    """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM with the
+    cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters."""
+    weight, bias, cached = _fused_qkv(attn)
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    params = [p.weight for p in projs] + [p.bias for p in projs]
+    needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    if cached and needs_grad and not torch.is_autocast_enabled(hidden_states.device.type):
+        qkv = _FusedLinear.apply(hidden_states, weight, bias, [p.out_features for p in projs], *params)
+    else:  # no parameter gradient needed, or `weight` is itself a differentiable concatenation
+        qkv = F.linear(hidden_states, weight, bias)
     return qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim))
 
 
@@ -158,8 +239,10 @@ def _onednn_linear_available() -> bool:
 
 def _cpu_inference(layer, x: Tensor) -> bool:
     """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval)."""
+    # Compilers take the plain path: Inductor does not lower mkldnn._linear_pointwise (it fuses
+    # the same epilogues itself) and export has no fake kernel for it.
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not layer.training and x.is_contiguous() and _onednn_linear_available())
+            and not layer.training and x.is_contiguous() and not _tracing(x) and _onednn_linear_available())
 
 
 def _mlp_hidden(mlp, x: Tensor) -> Tensor:
