@@ -267,10 +267,19 @@ def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Te
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
-def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
-    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention."""
-    if _cpu_inference(layer, hidden_states):
-        attn = layer.attention
+def _unhooked(module: nn.Module) -> bool:
+    """True when calling module.forward directly skips nothing: no forward hooks except
+    transformers' output-capturing ones (they record attention maps, which the caller did not ask
+    for when it takes a path that bypasses the module)."""
+    return not module._forward_pre_hooks and all(
+        getattr(h, "__name__", "") == "output_capturing_hook" for h in module._forward_hooks.values())
+
+
+def _layer_forward(layer, hidden_states: Tensor, plan, **kwargs) -> Tensor:
+    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention.
+    kwargs: transformers' per-call options (output_attentions), handed to the attention module."""
+    attn = layer.attention
+    if _cpu_inference(layer, hidden_states) and not kwargs.get("output_attentions") and _unhooked(attn):
         h = _attention_heads(attn, layer.norm1(hidden_states), plan)
         hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
         x = layer.norm2(hidden_states)
@@ -278,7 +287,8 @@ def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
         if h is None:
             return torch.addcmul(hidden_states, layer.mlp(x), layer.layer_scale2.lambda1)
         return _scaled_linear_add(layer.mlp.down_proj, h, layer.layer_scale2.lambda1, hidden_states)
-    h = _attention_forward(layer.attention, layer.norm1(hidden_states), plan)
+    # Through the module call, so that hooks (transformers records attention maps with one) run.
+    h, _ = attn(layer.norm1(hidden_states), position_embeddings=plan, **kwargs)
     hidden_states = layer.drop_path(layer.layer_scale1(h)) + hidden_states
     h = layer.mlp(layer.norm2(hidden_states))
     return layer.drop_path(layer.layer_scale2(h)) + hidden_states
@@ -288,7 +298,21 @@ def _layer_module_forward(self, hidden_states: Tensor, attention_mask: Optional[
                           position_embeddings=None, **kwargs) -> Tensor:
     """Patched DINOv3ViTLayer.forward."""
     _check_plan(position_embeddings, attention_mask)
-    return _layer_forward(self, hidden_states, position_embeddings)
+    return _layer_forward(self, hidden_states, position_embeddings, **kwargs)
+
+
+def _attention_with_weights(attn, hidden_states: Tensor, plan: _BatchedPlan) -> Tuple[Tensor, Tensor]:
+    """DINOv3ViTAttention with the attention maps materialised, as transformers' eager attention
+    computes them: hidden_states [B, N, C] -> (output [B, N, C], weights [B, H, N, N] in the
+    input dtype, after dropout in train mode). O(N^2) memory: only when the maps are asked for."""
+    B, N = hidden_states.shape[:2]
+    q, k, v = (t.transpose(1, 2) for t in _qkv_projection(attn, hidden_states).unbind(-3))  # [B, H, N, D]
+    q, k = rope2d(q, k, (plan.hp, plan.wp), num_prefix_tokens=N - plan.hp * plan.wp, theta=plan.theta,
+                  periods=plan.periods, coord_transform=plan.coord_transform)
+    weights = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, dim=-1)
+    weights = F.dropout(weights, p=attn.dropout if attn.training else 0.0, training=attn.training)
+    out = torch.matmul(weights, v).transpose(1, 2).reshape(B, N, -1)
+    return attn.o_proj(out), weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +331,13 @@ def _rope_forward(self, pixel_values: Tensor) -> _BatchedPlan:
 
 def _attention_module_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                               position_embeddings=None, **kwargs):
-    """Patched DINOv3ViTAttention.forward; returns (output, None) like transformers' sdpa path."""
+    """Patched DINOv3ViTAttention.forward: (output, attention maps or None), as transformers returns
+    them: the maps when output_attentions=True with the "eager" attention implementation (the one
+    that computes them; transformers' sdpa/flash return None), else None."""
     _check_plan(position_embeddings, attention_mask)
+    if (kwargs.get("output_attentions") and self.config._attn_implementation == "eager"
+            and isinstance(position_embeddings, _BatchedPlan)):
+        return _attention_with_weights(self, hidden_states, position_embeddings)
     return _attention_forward(self, hidden_states, position_embeddings), None
 
 
