@@ -388,6 +388,12 @@ def test_output_attentions_like_transformers(impl):
     for a, b in zip(out.hidden_states, ref.hidden_states):
         assert max_diff(a, b) <= MODEL_ATOL
     assert run(patched, x).attentions is None  # not asked: not computed
+    for m in (plain, patched):  # asked through the config instead of the call
+        m.config.output_attentions = True
+    ref, out = run(plain, x), run(patched, x)
+    assert len(out.attentions) == len(ref.attentions) == (2 if impl == "eager" else 0)
+    for a, b in zip(out.attentions, ref.attentions):
+        assert max_diff(a, b) <= MODEL_ATOL
 
 
 def test_fused_qkv_weight_is_cached_and_follows_updates():

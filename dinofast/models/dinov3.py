@@ -275,11 +275,25 @@ def _unhooked(module: nn.Module) -> bool:
         getattr(h, "__name__", "") == "output_capturing_hook" for h in module._forward_hooks.values())
 
 
+def _attentions_requested(kwargs) -> bool:
+    """True when the caller asked for attention maps: output_attentions=True in this call, or
+    config.output_attentions, which transformers' output capturing records (its collector then
+    holds an "attentions" list)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # transformers without output capturing passes output_attentions explicitly
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
 def _layer_forward(layer, hidden_states: Tensor, plan, **kwargs) -> Tensor:
     """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention.
     kwargs: transformers' per-call options (output_attentions), handed to the attention module."""
     attn = layer.attention
-    if _cpu_inference(layer, hidden_states) and not kwargs.get("output_attentions") and _unhooked(attn):
+    if _cpu_inference(layer, hidden_states) and _unhooked(attn) and not _attentions_requested(kwargs):
         h = _attention_heads(attn, layer.norm1(hidden_states), plan)
         hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
         x = layer.norm2(hidden_states)
@@ -335,8 +349,8 @@ def _attention_module_forward(self, hidden_states: Tensor, attention_mask: Optio
     them: the maps when output_attentions=True with the "eager" attention implementation (the one
     that computes them; transformers' sdpa/flash return None), else None."""
     _check_plan(position_embeddings, attention_mask)
-    if (kwargs.get("output_attentions") and self.config._attn_implementation == "eager"
-            and isinstance(position_embeddings, _BatchedPlan)):
+    if (isinstance(position_embeddings, _BatchedPlan) and self.config._attn_implementation == "eager"
+            and _attentions_requested(kwargs)):
         return _attention_with_weights(self, hidden_states, position_embeddings)
     return _attention_forward(self, hidden_states, position_embeddings), None
 
