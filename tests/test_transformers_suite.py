@@ -146,7 +146,7 @@ else:
         """Tiny DINOv3 ViT configurations and inputs for ModelTesterMixin (transformers' own DINOv3
         test uses the same sizes: 30x30 images of 2x2 patches, hidden 32, 4 heads, 2 registers)."""
 
-        def __init__(self, parent, batch_size=13, image_size=30, patch_size=2, hidden_size=32, layers=2,
+        def __init__(self, parent, batch_size=4, image_size=30, patch_size=2, hidden_size=32, layers=2,
                      heads=4, intermediate_size=37, registers=2):
             self.parent, self.batch_size, self.image_size = parent, batch_size, image_size
             self.patch_size, self.hidden_size, self.num_hidden_layers = patch_size, hidden_size, layers
@@ -200,6 +200,9 @@ else:
         def test_feed_forward_chunking(self):
             pass
 
+    @unittest.skipUnless(os.environ.get("DINOFAST_TRANSFORMERS_BASELINE") == "1", reason=(
+        "baseline: the suite on unpatched models tests transformers, not dinofast (it passed in full "
+        "when this file was written); DINOFAST_TRANSFORMERS_BASELINE=1 runs it"))
     class TestPlainDINOv3(_Suite, unittest.TestCase):
         """The suite on transformers' models as they are (the baseline)."""
 
