@@ -69,7 +69,7 @@ def _fetch_sources() -> Path:
     with tempfile.TemporaryDirectory() as download:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                "--disable-pip-version-check", f"transformers=={VERSION}", "-d", download]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         archives = list(Path(download).glob("transformers-*.tar.gz"))
         if done.returncode != 0 or len(archives) != 1:
             raise RuntimeError(f"`{' '.join(cmd[2:])}` failed: {done.stderr.strip()[-500:]}")
@@ -131,7 +131,7 @@ try:
     _stand_ins()
     common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
     SOURCES_ERROR = None
-except Exception as e:  # no network and no cache, or a layout this file does not know
+except Exception as e:  # noqa: BLE001 (no network and no cache, or a layout this file does not know: skip, saying why)
     SOURCES_ERROR = f"transformers {VERSION} test sources unavailable: {type(e).__name__}: {e}"
     common = None
 

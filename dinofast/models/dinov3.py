@@ -78,7 +78,7 @@ def _tracing(t: Tensor) -> bool:
             or torch._is_functional_tensor(t))
 
 
-def _version_key(*tensors: Optional[Tensor]) -> Optional[tuple]:
+def _version_key(*tensors: Tensor | None) -> tuple | None:
     """A key that changes whenever one of `tensors` is replaced or modified in place (None for
     inference tensors: they have no version counter, so nothing cached from them can be trusted)."""
     key = []
@@ -92,7 +92,7 @@ def _version_key(*tensors: Optional[Tensor]) -> Optional[tuple]:
     return tuple(key)
 
 
-def _stored_periods(rope_module) -> Optional[Tensor]:
+def _stored_periods(rope_module) -> Tensor | None:
     """None when rope_module.inv_freq is transformers' default (the kernels then compute it from
     theta, bit for bit), else the periods 1/inv_freq (e.g. loaded from a checkpoint).
     Cached per inv_freq version so an eager forward costs no host sync. While a compiler traces,
@@ -165,7 +165,7 @@ class _FusedLinear(torch.autograd.Function):
         return (grad_x, None, None, None, *grads)
 
 
-def _concat_qkv(projs) -> Tuple[Tensor, Optional[Tensor]]:
+def _concat_qkv(projs) -> tuple[Tensor, Tensor | None]:
     weight = torch.cat([p.weight for p in projs])
     bias = None
     if any(p.bias is not None for p in projs):
@@ -173,7 +173,7 @@ def _concat_qkv(projs) -> Tuple[Tensor, Optional[Tensor]]:
     return weight, bias
 
 
-def _fused_qkv(attn) -> Tuple[Tensor, Optional[Tensor], bool]:
+def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
     """(weight [3C, C], bias [3C] or None, cached): q_proj | k_proj | v_proj concatenated.
 
     Built once and kept (detached) in the attention module, keyed by the identity and version
@@ -315,7 +315,7 @@ def _layer_module_forward(self, hidden_states: Tensor, attention_mask: Optional[
     return _layer_forward(self, hidden_states, position_embeddings, **kwargs)
 
 
-def _attention_with_weights(attn, hidden_states: Tensor, plan: _BatchedPlan) -> Tuple[Tensor, Tensor]:
+def _attention_with_weights(attn, hidden_states: Tensor, plan: _BatchedPlan) -> tuple[Tensor, Tensor]:
     """DINOv3ViTAttention with the attention maps materialised, as transformers' eager attention
     computes them: hidden_states [B, N, C] -> (output [B, N, C], weights [B, H, N, N] in the
     input dtype, after dropout in train mode). O(N^2) memory: only when the maps are asked for."""
