@@ -301,8 +301,11 @@ def _layer_forward(layer, hidden_states: Tensor, plan, **kwargs) -> Tensor:
         if h is None:
             return torch.addcmul(hidden_states, layer.mlp(x), layer.layer_scale2.lambda1)
         return _scaled_linear_add(layer.mlp.down_proj, h, layer.layer_scale2.lambda1, hidden_states)
-    # Through the module call, so that hooks (transformers records attention maps with one) run.
-    h, _ = attn(layer.norm1(hidden_states), position_embeddings=plan, **kwargs)
+    if "_dinofast_original" in type(attn).__dict__:
+        # Through the module call, so that hooks (transformers records attention maps with one) run.
+        h, _ = attn(layer.norm1(hidden_states), position_embeddings=plan, **kwargs)
+    else:  # encode_packed on an unpatched model: transformers' own module cannot take a plan
+        h = _attention_forward(attn, layer.norm1(hidden_states), plan)
     hidden_states = layer.drop_path(layer.layer_scale1(h)) + hidden_states
     h = layer.mlp(layer.norm2(hidden_states))
     return layer.drop_path(layer.layer_scale2(h)) + hidden_states
