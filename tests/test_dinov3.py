@@ -430,3 +430,19 @@ def test_fused_qkv_weight_is_cached_and_follows_updates():
     assert max_diff(run(patched, x).last_hidden_state, changed) > 100 * MODEL_ATOL
     plain.load_state_dict(patched.state_dict())
     assert max_diff(run(patched, x).last_hidden_state, run(plain, x).last_hidden_state) <= MODEL_ATOL
+
+
+@pytest.mark.parametrize("compiler", ["compile", "export"])
+def test_compiled_patched_backbone_feature_maps(compiler):
+    torch._dynamo.reset()
+    plain = random_model(backbone=True, out_indices=[1, 2], layers=2, hidden=64)
+    patched = dinofast.patch_dinov3(copy.deepcopy(plain))
+    x = torch.stack(images([(32, 48)] * 2, seed=18))
+    with torch.no_grad():
+        ref = plain(x).feature_maps
+        fn = torch.compile(patched, fullgraph=True) if compiler == "compile" else \
+            torch.export.export(patched, (x,), strict=False).module()
+        out = fn(x).feature_maps
+    assert len(out) == len(ref) == 2
+    for a, b in zip(out, ref):
+        assert a.shape == (2, 64, 2, 3) and max_diff(a, b) <= MODEL_ATOL
