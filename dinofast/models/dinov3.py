@@ -5,11 +5,14 @@ parameter, buffer or state-dict key changes, and `unpatch_dinov3` swaps the clas
   rope_embeddings (DINOv3ViTRopePositionEmbedding): instead of cos/sin tables its forward returns a
       `_BatchedPlan` (grid, rope frequencies, and in train mode the coordinate augmentation drawn
       exactly as transformers draws it: once per forward, same RNG calls in the same order).
-  layer.i.attention (DINOv3ViTAttention): one fused q|k|v projection, dinofast's 2D RoPE on the
-      q/k views of that buffer (in place when no gradient is needed), then attention.
+  layer.i.attention (DINOv3ViTAttention): one fused q|k|v projection (its weight cached, keyed by
+      the parameters' versions), dinofast's 2D RoPE on the q/k views of that buffer (in place when
+      no gradient is needed), then attention; the attention maps on an explicit path when
+      transformers would return them (output_attentions with the eager implementation).
   layer.i (DINOv3ViTLayer): the same block; on the CPU inference path (fp32, no autograd, eval) the
       MLP activation runs in the first GEMM's epilogue and LayerScale + residual in the next GEMM's
-      (oneDNN post-ops), which is most of the CPU speed-up over transformers.
+      (oneDNN post-ops), which is most of the CPU speed-up over transformers. Eager only: while
+      torch.compile / torch.export trace, every layer takes the plain path (see _tracing).
 The encoder is transformers' own; it hands the plan to every layer unchanged.
 
 `encode_packed` runs the same modules over one packed sequence of images of different sizes:
