@@ -303,3 +303,146 @@ def test_patched_attention_alone_needs_the_plan():
     attn = model.model.layer[0].attention
     with pytest.raises(ValueError, match="position_embeddings: expected the plan"):
         attn(torch.randn(1, 5, 128), position_embeddings=(torch.ones(1), torch.ones(1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# compilers, attention maps, the fused q|k|v weight
+# ---------------------------------------------------------------------------------------------
+def _forward(model, x, seed):
+    torch.manual_seed(seed)  # train mode draws the RoPE augmentation: same draws in every run
+    return model(x).last_hidden_state
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("compiler", ["compile", "export"])
+def test_compiled_patched_equals_transformers(compiler, train, grad):
+    """torch.compile(fullgraph=True) (Inductor) and torch.export(strict=False) of a patched model:
+    outputs (and with grad, every parameter's gradient) equal the plain eager transformers model.
+    fallback_random: Inductor then draws the train-mode augmentation with torch's RNG, as eager."""
+    torch._dynamo.reset()
+    plain = random_model(layers=2, hidden=64, gated=train, pos_embed_shift=0.1, pos_embed_jitter=1.2,
+                         pos_embed_rescale=2.0).train(train)
+    patched = dinofast.patch_dinov3(copy.deepcopy(plain))
+    x = torch.stack(images([(32, 48)] * 2, seed=12))
+    w = torch.randn(2, 5 + 6, 64, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    with torch.set_grad_enabled(grad):
+        ref = _forward(plain, x, 5)
+        if compiler == "compile":
+            fn = torch.compile(patched, fullgraph=True)
+        else:
+            fn = torch.export.export(patched, (x,), strict=False).module()
+        with torch._inductor.config.patch(fallback_random=True):
+            out = _forward(fn, x, 5)
+            assert max_diff(out, ref) <= MODEL_ATOL
+            if train:  # a second call draws new augmentation, as eager does
+                assert max_diff(_forward(fn, x, 6), _forward(plain, x, 6)) <= MODEL_ATOL
+    if grad:
+        (ref * w).sum().backward()
+        (out * w).sum().backward()
+        if compiler == "compile":
+            got = _grads(patched)
+        else:
+            got = {n: p.grad for n, p in fn.named_parameters() if p.grad is not None}
+        ref_grads = _grads(plain)
+        assert got.keys() == ref_grads.keys() and len(ref_grads) > 10
+        for name, g in ref_grads.items():
+            assert max_diff(got[name], g) <= MODEL_ATOL * max(1.0, g.abs().max().item()), name
+
+
+def test_compiled_inference_keeps_the_eager_cpu_fast_path(monkeypatch):
+    """Eager CPU fp32 inference still runs the oneDNN epilogue path; a compiled model does not."""
+    if DEVICE.type != "cpu":
+        pytest.skip(reason="CPU-only path")
+    from dinofast.models import dinov3 as D
+
+    if not D._onednn_linear_available():
+        pytest.skip(reason="this torch build has no oneDNN linear post-ops")
+    calls = []
+    real = D._scaled_linear_add
+    monkeypatch.setattr(D, "_scaled_linear_add", lambda *a: calls.append(1) or real(*a))
+    model = dinofast.patch_dinov3(random_model(layers=2, hidden=64))
+    x = torch.stack(images([(32, 32)] * 2, seed=14))
+    ref = run(model, x).last_hidden_state
+    assert len(calls) == 4  # two GEMMs with the residual in their epilogue, per layer
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True)(x).last_hidden_state
+    assert len(calls) == 4 and max_diff(out, ref) <= MODEL_ATOL
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_output_attentions_like_transformers(impl):
+    """Eager attention returns one map [B, H, N, N] per layer (patched computes them explicitly);
+    sdpa returns none, in transformers as patched. Hidden states agree too."""
+    plain = random_model(layers=2, hidden=64)
+    plain.config._attn_implementation = impl
+    patched = dinofast.patch_dinov3(copy.deepcopy(plain))
+    x = torch.stack(images([(32, 48)] * 2, seed=15))
+    ref = run(plain, x, output_attentions=True, output_hidden_states=True)
+    out = run(patched, x, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == len(ref.attentions) == (2 if impl == "eager" else 0)
+    for a, b in zip(out.attentions, ref.attentions):
+        assert a.shape == (2, 2, 5 + 6, 5 + 6) and max_diff(a, b) <= MODEL_ATOL
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        assert max_diff(a, b) <= MODEL_ATOL
+    assert run(patched, x).attentions is None  # not asked: not computed
+    if impl != "eager":
+        return  # transformers refuses config.output_attentions with sdpa
+    for m in (plain, patched):  # asked through the config instead of the call
+        m.config.output_attentions = True
+    ref, out = run(plain, x), run(patched, x)
+    assert len(out.attentions) == len(ref.attentions) == 2
+    for a, b in zip(out.attentions, ref.attentions):
+        assert max_diff(a, b) <= MODEL_ATOL
+
+
+def test_fused_qkv_weight_is_cached_and_follows_updates():
+    """The fused q|k|v weight is built once, then rebuilt only when a parameter changes: an
+    in-place edit, an optimizer step (train mode, autograd through the cached weight),
+    load_state_dict."""
+    plain = random_model(layers=1, hidden=64)
+    patched = dinofast.patch_dinov3(copy.deepcopy(plain))
+    attn = patched.model.layer[0].attention
+    x = torch.stack(images([(32, 32)] * 2, seed=16))
+    assert max_diff(run(patched, x).last_hidden_state, run(plain, x).last_hidden_state) <= MODEL_ATOL
+    fused = attn.__dict__["_dinofast_qkv"][1]
+    run(patched, x)
+    assert attn.__dict__["_dinofast_qkv"][1] is fused  # not rebuilt by a second forward
+
+    with torch.no_grad():  # in-place edit
+        for m in (plain, patched):
+            m.model.layer[0].attention.k_proj.weight.mul_(1.5)
+            m.model.layer[0].attention.v_proj.bias.add_(0.3)
+    assert max_diff(run(patched, x).last_hidden_state, run(plain, x).last_hidden_state) <= MODEL_ATOL
+
+    for m in (plain, patched):  # one SGD step each, same loss
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        (_forward(m, x, 17) ** 2).mean().backward()
+        opt.step()
+        m.eval()
+    changed = run(patched, x).last_hidden_state
+    assert max_diff(changed, run(plain, x).last_hidden_state) <= MODEL_ATOL
+
+    patched.load_state_dict(random_model(layers=1, hidden=64, seed=3).state_dict())
+    assert max_diff(run(patched, x).last_hidden_state, changed) > 100 * MODEL_ATOL
+    plain.load_state_dict(patched.state_dict())
+    assert max_diff(run(patched, x).last_hidden_state, run(plain, x).last_hidden_state) <= MODEL_ATOL
+
+
+@pytest.mark.parametrize("compiler", ["compile", "export"])
+def test_compiled_patched_backbone_feature_maps(compiler):
+    torch._dynamo.reset()
+    plain = random_model(backbone=True, out_indices=[1, 2], layers=2, hidden=64)
+    patched = dinofast.patch_dinov3(copy.deepcopy(plain))
+    x = torch.stack(images([(32, 48)] * 2, seed=18))
+    with torch.no_grad():
+        ref = plain(x).feature_maps
+        fn = torch.compile(patched, fullgraph=True) if compiler == "compile" else \
+            torch.export.export(patched, (x,), strict=False).module()
+        out = fn(x).feature_maps
+    assert len(out) == len(ref) == 2
+    for a, b in zip(out, ref):
+        assert a.shape == (2, 64, 2, 3) and max_diff(a, b) <= MODEL_ATOL

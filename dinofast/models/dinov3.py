@@ -5,11 +5,14 @@ parameter, buffer or state-dict key changes, and `unpatch_dinov3` swaps the clas
   rope_embeddings (DINOv3ViTRopePositionEmbedding): instead of cos/sin tables its forward returns a
       `_BatchedPlan` (grid, rope frequencies, and in train mode the coordinate augmentation drawn
       exactly as transformers draws it: once per forward, same RNG calls in the same order).
-  layer.i.attention (DINOv3ViTAttention): one fused q|k|v projection, dinofast's 2D RoPE on the
-      q/k views of that buffer (in place when no gradient is needed), then attention.
+  layer.i.attention (DINOv3ViTAttention): one fused q|k|v projection (its weight cached, keyed by
+      the parameters' versions), dinofast's 2D RoPE on the q/k views of that buffer (in place when
+      no gradient is needed), then attention; the attention maps on an explicit path when
+      transformers would return them (output_attentions with the eager implementation).
   layer.i (DINOv3ViTLayer): the same block; on the CPU inference path (fp32, no autograd, eval) the
       MLP activation runs in the first GEMM's epilogue and LayerScale + residual in the next GEMM's
-      (oneDNN post-ops), which is most of the CPU speed-up over transformers.
+      (oneDNN post-ops), which is most of the CPU speed-up over transformers. Eager only: while
+      torch.compile / torch.export trace, every layer takes the plain path (see _tracing).
 The encoder is transformers' own; it hands the plan to every layer unchanged.
 
 `encode_packed` runs the same modules over one packed sequence of images of different sizes:
@@ -28,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from dinofast import _validate as V
 from dinofast._layout import PackedLayout, int32_on
@@ -74,15 +78,38 @@ def _patch_size(config) -> Tuple[int, int]:
     return (int(p[0]), int(p[1])) if isinstance(p, (tuple, list)) else (int(p), int(p))
 
 
-def _stored_periods(rope_module) -> Optional[Tensor]:
+def _tracing(t: Tensor) -> bool:
+    """True while a compiler traces the forward (torch.compile, torch.export strict or not, jit): the
+    tensors are then fakes or proxies, so no data_ptr, version-keyed cache or oneDNN-only op."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fake(t)
+            or torch._is_functional_tensor(t))
+
+
+def _version_key(*tensors: Tensor | None) -> tuple | None:
+    """A key that changes whenever one of `tensors` is replaced or modified in place (None for
+    inference tensors: they have no version counter, so nothing cached from them can be trusted)."""
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
+        if t.is_inference():
+            return None
+        key.append((t.data_ptr(), t._version, t.device, t.dtype, t.shape))
+    return tuple(key)
+
+
+def _stored_periods(rope_module) -> Tensor | None:
     """None when rope_module.inv_freq is transformers' default (the kernels then compute it from
     theta, bit for bit), else the periods 1/inv_freq (e.g. loaded from a checkpoint).
-    Cached per inv_freq version so a forward costs no host sync."""
+    Cached per inv_freq version so an eager forward costs no host sync. While a compiler traces,
+    the value of inv_freq is unknown, so the periods are always 1/inv_freq (a node of the graph)."""
     inv = rope_module.inv_freq
-    # (inference tensors have no version counter: they cannot be modified outside inference mode)
-    key = (inv.data_ptr(), -1 if inv.is_inference() else inv._version, inv.device)
+    if _tracing(inv):
+        return 1.0 / inv.float()
+    key = _version_key(inv)
     cached = rope_module.__dict__.get("_dinofast_periods")
-    if cached is not None and cached[0] == key:
+    if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     default = default_inv_freq(rope_module.head_dim, rope_module.base, device=inv.device)
     periods = None if torch.equal(inv.float(), default) else (1.0 / inv.float()).contiguous()
@@ -120,17 +147,74 @@ def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: fl
                             layout=plan.layout)
 
 
-def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
-    """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM.
+class _FusedLinear(torch.autograd.Function):
+    """y = x @ W.T + b with W, b the cached concatenation of several Linear layers' parameters,
+    differentiable with respect to those layers' own parameters (the gradient of the
+    concatenation is split back, as torch.cat's backward would): training reuses the fused weight
+    instead of concatenating it on every call."""
 
-    The fused weight is concatenated on every call (a copy of 3*C*C values, small next to the GEMM
-    over the tokens), so gradients flow to the original q/k/v parameters and nothing goes stale."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, *params):
+        ctx.save_for_backward(x, weight)
+        ctx.sizes, ctx.has_bias = sizes, [p is not None for p in params[len(sizes):]]
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        n = len(ctx.sizes)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_ws = (g2.t() @ x.reshape(-1, x.shape[-1])).split(ctx.sizes)
+        grad_bs = g2.sum(0).split(ctx.sizes)
+        grads = [gw if ctx.needs_input_grad[4 + i] else None for i, gw in enumerate(grad_ws)]
+        grads += [gb if has and ctx.needs_input_grad[4 + n + i] else None
+                  for i, (gb, has) in enumerate(zip(grad_bs, ctx.has_bias))]
+        return (grad_x, None, None, None, *grads)
+
+
+def _concat_qkv(projs) -> tuple[Tensor, Tensor | None]:
     weight = torch.cat([p.weight for p in projs])
     bias = None
     if any(p.bias is not None for p in projs):
         bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
-    qkv = F.linear(hidden_states, weight, bias)
+    return weight, bias
+
+
+def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
+    """(weight [3C, C], bias [3C] or None, cached): q_proj | k_proj | v_proj concatenated.
+
+    Built once and kept (detached) in the attention module, keyed by the identity and version
+    counter of each of the six tensors: an optimizer step, an in-place edit, load_state_dict or
+    .to() changes a key and the next call rebuilds it. Costs 3*C*C extra values per layer.
+    Not cached (cached=False, a differentiable concatenation) while a compiler traces (the graph
+    gets the concatenation, which the compiler may constant-fold) or for inference tensors (no
+    version counter)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if _tracing(attn.q_proj.weight):
+        return (*_concat_qkv(projs), False)
+    key = _version_key(*(p.weight for p in projs), *(p.bias for p in projs))
+    if key is None:
+        return (*_concat_qkv(projs), False)
+    cached = attn.__dict__.get("_dinofast_qkv")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, *_concat_qkv(projs))
+        attn.__dict__["_dinofast_qkv"] = cached
+    return cached[1], cached[2], True
+
+
+def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
+    """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM with the
+    cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters."""
+    weight, bias, cached = _fused_qkv(attn)
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    params = [p.weight for p in projs] + [p.bias for p in projs]
+    needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    if cached and needs_grad and not torch.is_autocast_enabled(hidden_states.device.type):
+        qkv = _FusedLinear.apply(hidden_states, weight, bias, [p.out_features for p in projs], *params)
+    else:  # no parameter gradient needed, or `weight` is itself a differentiable concatenation
+        qkv = F.linear(hidden_states, weight, bias)
     return qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim))
 
 
@@ -164,8 +248,11 @@ def _onednn_linear_available() -> bool:
 def _cpu_inference(layer, x: Tensor) -> bool:
     """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval),
     no autocast (its GEMMs would hand bf16 activations to the fp32 post-op GEMMs)."""
+    # Compilers take the plain path: Inductor does not lower mkldnn._linear_pointwise (it fuses
+    # the same epilogues itself) and export has no fake kernel for it.
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not layer.training and x.is_contiguous() and _onednn_linear_available())
+            and not torch.is_autocast_enabled("cpu") and not layer.training and x.is_contiguous()
+            and not _tracing(x) and _onednn_linear_available())
 
 
 def _mlp_hidden(mlp, x: Tensor) -> Tensor:
@@ -190,10 +277,33 @@ def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Te
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
-def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
-    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention."""
-    if _cpu_inference(layer, hidden_states):
-        attn = layer.attention
+def _unhooked(module: nn.Module) -> bool:
+    """True when calling module.forward directly skips nothing: no forward hooks except
+    transformers' output-capturing ones (they record attention maps, which the caller did not ask
+    for when it takes a path that bypasses the module)."""
+    return not module._forward_pre_hooks and all(
+        getattr(h, "__name__", "") == "output_capturing_hook" for h in module._forward_hooks.values())
+
+
+def _attentions_requested(kwargs) -> bool:
+    """True when the caller asked for attention maps: output_attentions=True in this call, or
+    config.output_attentions, which transformers' output capturing records (its collector then
+    holds an "attentions" list)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # transformers without output capturing passes output_attentions explicitly
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _layer_forward(layer, hidden_states: Tensor, plan, **kwargs) -> Tensor:
+    """DINOv3ViTLayer.forward (pre-norm block with LayerScale) with dinofast attention.
+    kwargs: transformers' per-call options (output_attentions), handed to the attention module."""
+    attn = layer.attention
+    if _cpu_inference(layer, hidden_states) and _unhooked(attn) and not _attentions_requested(kwargs):
         h = _attention_heads(attn, layer.norm1(hidden_states), plan)
         hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
         x = layer.norm2(hidden_states)
@@ -201,7 +311,11 @@ def _layer_forward(layer, hidden_states: Tensor, plan) -> Tensor:
         if h is None:
             return torch.addcmul(hidden_states, layer.mlp(x), layer.layer_scale2.lambda1)
         return _scaled_linear_add(layer.mlp.down_proj, h, layer.layer_scale2.lambda1, hidden_states)
-    h = _attention_forward(layer.attention, layer.norm1(hidden_states), plan)
+    if "_dinofast_original" in type(attn).__dict__:
+        # Through the module call, so that hooks (transformers records attention maps with one) run.
+        h, _ = attn(layer.norm1(hidden_states), position_embeddings=plan, **kwargs)
+    else:  # encode_packed on an unpatched model: transformers' own module cannot take a plan
+        h = _attention_forward(attn, layer.norm1(hidden_states), plan)
     hidden_states = layer.drop_path(layer.layer_scale1(h)) + hidden_states
     h = layer.mlp(layer.norm2(hidden_states))
     return layer.drop_path(layer.layer_scale2(h)) + hidden_states
@@ -211,7 +325,21 @@ def _layer_module_forward(self, hidden_states: Tensor, attention_mask: Optional[
                           position_embeddings=None, **kwargs) -> Tensor:
     """Patched DINOv3ViTLayer.forward."""
     _check_plan(position_embeddings, attention_mask)
-    return _layer_forward(self, hidden_states, position_embeddings)
+    return _layer_forward(self, hidden_states, position_embeddings, **kwargs)
+
+
+def _attention_with_weights(attn, hidden_states: Tensor, plan: _BatchedPlan) -> tuple[Tensor, Tensor]:
+    """DINOv3ViTAttention with the attention maps materialised, as transformers' eager attention
+    computes them: hidden_states [B, N, C] -> (output [B, N, C], weights [B, H, N, N] in the
+    input dtype, after dropout in train mode). O(N^2) memory: only when the maps are asked for."""
+    B, N = hidden_states.shape[:2]
+    q, k, v = (t.transpose(1, 2) for t in _qkv_projection(attn, hidden_states).unbind(-3))  # [B, H, N, D]
+    q, k = rope2d(q, k, (plan.hp, plan.wp), num_prefix_tokens=N - plan.hp * plan.wp, theta=plan.theta,
+                  periods=plan.periods, coord_transform=plan.coord_transform)
+    weights = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, dim=-1)
+    weights = F.dropout(weights, p=attn.dropout if attn.training else 0.0, training=attn.training)
+    out = torch.matmul(weights, v).transpose(1, 2).reshape(B, N, -1)
+    return attn.o_proj(out), weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +358,13 @@ def _rope_forward(self, pixel_values: Tensor) -> _BatchedPlan:
 
 def _attention_module_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                               position_embeddings=None, **kwargs):
-    """Patched DINOv3ViTAttention.forward; returns (output, None) like transformers' sdpa path."""
+    """Patched DINOv3ViTAttention.forward: (output, attention maps or None), as transformers returns
+    them: the maps when output_attentions=True with the "eager" attention implementation (the one
+    that computes them; transformers' sdpa/flash return None), else None."""
     _check_plan(position_embeddings, attention_mask)
+    if (isinstance(position_embeddings, _BatchedPlan) and self.config._attn_implementation == "eager"
+            and _attentions_requested(kwargs)):
+        return _attention_with_weights(self, hidden_states, position_embeddings)
     return _attention_forward(self, hidden_states, position_embeddings), None
 
 
