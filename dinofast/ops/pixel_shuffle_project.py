@@ -161,7 +161,8 @@ def _psp_op(
     y = empty_output(x, (M, weight.shape[0]))
     if y.numel():
         impl.forward(_x3(x), weight, bias, y, meta)
-    return y if cu_seqlens is not None else y.view(x.shape[0], -1, weight.shape[0])
+    # explicit sizes: with B = 0 or out = 0 a -1 could not be inferred
+    return y if cu_seqlens is not None else y.view(x.shape[0], (hp // factor) * (wp // factor), weight.shape[0])
 
 
 @_psp_op.register_fake
@@ -184,9 +185,13 @@ def _psp_backward_op(
     grad_x = empty_output(x, x.shape) if need_x else x.new_empty(0)
     grad_weight = empty_output(weight, weight.shape) if need_weight else x.new_empty(0)
     grad_bias = empty_output(weight, (weight.shape[0],)) if need_bias else x.new_empty(0)
-    grad_y2 = grad_y.reshape(-1, weight.shape[0])
+    grad_y2 = grad_y.reshape(grad_y.shape[:-1].numel(), weight.shape[0])  # [M, out], also when M or out is 0
     if grad_y2.stride(-1) != 1 or not grad_y2.is_contiguous():
         grad_y2 = grad_y2.contiguous()
+    if grad_y2.numel() == 0:  # no output element (B = 0, no rows, or out = 0): every gradient is zero
+        for g in (grad_x, grad_weight, grad_bias):
+            g.zero_()
+        return grad_x, grad_weight, grad_bias
     impl.backward(grad_y2, _x3(x), weight, _x3(grad_x) if need_x else None,
                   grad_weight if need_weight else None, grad_bias if need_bias else None, meta)
     return grad_x, grad_weight, grad_bias
@@ -225,10 +230,6 @@ _psp_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens):
     """Shape/dtype/device checks (safe under torch.compile tracing) and the op's arguments."""
     packed = cu_seqlens is not None
@@ -251,6 +252,7 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens):
         bias = bias.contiguous()
     if packed:
         V.check_packed_meta(cu_seqlens, grids, x.shape[0], x.device)
+        cu_seqlens, grids = cu_seqlens.contiguous(), grids.contiguous()
         hp = wp = 0
         # rows per image: Gh*Gw from grids by tensor ops (traceable); values are checked in the op
         per_image = (grids[:, 0] // s) * (grids[:, 1] // s)
@@ -262,7 +264,7 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens):
             V.fail("x", f"N = num_prefix_tokens + Hp*Wp = {P} + {hp}*{wp} = {P + hp * wp} tokens "
                    "(x is [B, N, D])", x.shape[1])
         grids = out_cu_seqlens = None
-    return (_unit_stride(x), weight.contiguous(), bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, s, P)
+    return (V.unit_last_stride(x), weight.contiguous(), bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, s, P)
 
 
 def pixel_shuffle_project(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -171,8 +171,10 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
         V.check_tensor(periods, "periods", ndim=1)
         if periods.numel() != D // 4:
             V.fail("periods", f"[head_dim/4] = [{D // 4}]", f"shape {tuple(periods.shape)}")
+        V.check_periods(periods, "periods")
     if packed:
         n = V.check_packed_meta(cu_seqlens, grids, q.shape[0], q.device)
+        cu_seqlens, grids = cu_seqlens.contiguous(), grids.contiguous()
         hp = wp = 0
     else:
         n = q.shape[0]
@@ -223,5 +225,9 @@ def rope2d_(
     args = _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_transform)
     if args[0] is not q or args[1] is not k:
         V.fail("q, k", "unit stride on the head dim for an in-place rotation", (q.stride(), k.stride()))
+    # each element is read and written once per tensor: shared elements would be rotated twice
+    V.check_no_internal_overlap(q, "q")
+    V.check_no_internal_overlap(k, "k")
+    V.check_disjoint(q, "q", k, "k")
     _rope2d_inplace_op(*args, False)
     return q, k

@@ -219,7 +219,7 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope):
     V.check_nonneg_int(max_seqlen, "max_seqlen")
     if softmax_scale is None:
         softmax_scale = D ** -0.5
-    V.check_finite(softmax_scale, "softmax_scale")
+    V.check_softmax_scale(softmax_scale)
     freqs = grids = coord_transform = None
     P = 0
     if rope is not None:
@@ -229,12 +229,14 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope):
         if not isinstance(grids, Tensor):  # a list of (Hp, Wp) pairs
             grids = torch.tensor([V.check_grid(g) for g in grids], dtype=torch.int32, device=q.device)
         V.check_packed_meta(cu_seqlens, grids, q.shape[0], q.device)
+        grids = grids.contiguous()
         V.check_nonneg_int(rope.num_prefix_tokens, "rope.num_prefix_tokens")
         V.check_finite(rope.theta, "rope.theta")
         if rope.periods is not None:
             V.check_tensor(rope.periods, "rope.periods", ndim=1)
             if rope.periods.numel() != D // 4:
                 V.fail("rope.periods", f"[head_dim/4] = [{D // 4}]", f"shape {tuple(rope.periods.shape)}")
+            V.check_periods(rope.periods, "rope.periods")
         coord_transform = rope.coord_transform
         if coord_transform is not None:
             V.check_tensor(coord_transform, "rope.coord_transform")
@@ -244,7 +246,8 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope):
             coord_transform = coord_transform.to(device=q.device, dtype=torch.float32).contiguous()
         freqs = rope_inv_freq(D, rope.theta, rope.periods, q.device)
         P = rope.num_prefix_tokens
-    return (_unit_stride(q), _unit_stride(k), _unit_stride(v), cu_seqlens, max_seqlen, float(softmax_scale),
+    return (_unit_stride(q), _unit_stride(k), _unit_stride(v), cu_seqlens.contiguous(), max_seqlen,
+            float(softmax_scale),
             freqs, grids, coord_transform, P)
 
 
@@ -285,7 +288,15 @@ def flash_attn_varlen_func(
 ) -> Tensor:
     """flash_attn.flash_attn_varlen_func for packed self-attention: same arguments, same [T, H, D]
     result. Raises NotImplementedError for what dinofast does not do (dropout, causal, windows,
-    softcap, ALiBi, attention probabilities, paged KV, different q/k lengths or head counts)."""
+    softcap, ALiBi, attention probabilities, paged KV, different q/k lengths or head counts).
+    max_seqlen_q and max_seqlen_k are upper bounds on the same segments: the larger one is used."""
+    V.check_tensor(q, "q")
+    V.check_tensor(k, "k")
+    V.check_tensor(v, "v")
+    V.check_tensor(cu_seqlens_q, "cu_seqlens_q")
+    V.check_tensor(cu_seqlens_k, "cu_seqlens_k")
+    V.check_nonneg_int(max_seqlen_q, "max_seqlen_q")
+    V.check_nonneg_int(max_seqlen_k, "max_seqlen_k")
     unsupported = {
         "dropout_p > 0": dropout_p != 0.0, "causal=True": bool(causal),
         "window_size": tuple(window_size) != (-1, -1), "softcap": softcap != 0.0,
@@ -293,7 +304,7 @@ def flash_attn_varlen_func(
         "block_table (paged KV)": block_table is not None,
         "k/v heads different from q heads (MQA/GQA)": k.shape[1:] != q.shape[1:] or v.shape[1:] != q.shape[1:],
         "different q and k lengths (cross-attention)": (
-            k.shape[0] != q.shape[0] or max_seqlen_q != max_seqlen_k
+            k.shape[0] != q.shape[0]
             or (cu_seqlens_k is not cu_seqlens_q and (cu_seqlens_k.shape != cu_seqlens_q.shape
                                                     or not torch.equal(cu_seqlens_k, cu_seqlens_q)))),
     }
@@ -302,4 +313,4 @@ def flash_attn_varlen_func(
         raise NotImplementedError(
             "dinofast.flash_attn_varlen_func does non-causal self-attention without dropout only; "
             f"not supported: {', '.join(asked)}")
-    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale=softmax_scale)
+    return varlen_attention(q, k, v, cu_seqlens_q, max(max_seqlen_q, max_seqlen_k), softmax_scale=softmax_scale)
