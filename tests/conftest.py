@@ -39,7 +39,7 @@ TOL = {
     "attention:bfloat16": dict(atol=3e-2, rtol=2.0**-7),
 }
 
-# Whole models (issue 5): patched / packed DINOv3 against transformers in fp32, max abs difference
+# Whole models: patched / packed DINOv3 against transformers in fp32, max abs difference
 # of outputs of order 1 after several layers (summation order differs: fused qkv GEMM, fused rope).
 MODEL_ATOL = 1e-4
 
