@@ -3,7 +3,7 @@
 The ops import eagerly; the model and data layers (transformers, safetensors, Pillow) load on
 first use of one of their names, so `import dinofast` stays light for kernel-only users.
 """
-import importlib
+from dinofast._lazy import lazy_attributes
 
 from dinofast._backend import (  # noqa: F401
     BACKENDS,
@@ -33,17 +33,4 @@ _LAZY = {
     "data": "dinofast.data",
 }
 
-
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dinofast' has no attribute {name!r}")
-    value = importlib.import_module(module)
-    if name not in ("models", "data"):
-        value = getattr(value, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

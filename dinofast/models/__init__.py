@@ -4,7 +4,7 @@ The ops (dinofast.ops) know nothing about models; this package only rewires mode
 them, and loads checkpoints. Kept apart, Liger-Kernel style, so the ops stay model-agnostic.
 Names load on first use (the checkpoint code needs safetensors and transformers).
 """
-import importlib
+from dinofast._lazy import lazy_attributes
 
 _LAZY = {
     **{name: "dinofast.models.dinov3" for name in ("ImageFeatures", "encode_packed", "patch_dinov3",
@@ -12,15 +12,4 @@ _LAZY = {
     **{name: "dinofast.models.checkpoint" for name in ("CheckpointError", "convert", "load_dinov3")},
 }
 
-
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dinofast.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
