@@ -73,7 +73,8 @@ inline Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor
                            int64_t factor, int64_t num_prefix_tokens) {
   TORCH_CHECK(x.dim() == 3, op, ": x: expected a 3-D [B, N, D] view, got ", x.dim(), "-D");
   DF_CHECK_FLOAT(x, "pixel_shuffle_project: x");
-  TORCH_CHECK(x.stride(2) == 1, op, ": x: expected unit stride on D, got ", x.stride(2));
+  // a size-1 D addresses one element whatever its stride
+  TORCH_CHECK(x.stride(2) == 1 || x.size(2) == 1, op, ": x: expected unit stride on D, got ", x.stride(2));
   TORCH_CHECK(factor >= 1, op, ": factor: expected >= 1, got ", factor);
   TORCH_CHECK(num_prefix_tokens >= 0, op, ": num_prefix_tokens: expected >= 0, got ", num_prefix_tokens);
   Geometry g;

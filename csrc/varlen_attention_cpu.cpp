@@ -1,7 +1,7 @@
 // Varlen attention on CPU: tiled online softmax (flash-attention style) in fp32.
 //
 // Forward: one task per (segment, head, up to 16 blocks of kBlockQ queries). A task packs its query
-// tiles (rotated by RoPE, times softmax_scale) into fp32, then walks the segment's keys kBlockK at a time:
+// tiles (rotated by RoPE) into fp32, then walks the segment's keys kBlockK at a time:
 // S = Q K^T and O += P V are BLAS gemms on cache-resident tiles (at::mm_out on blob views: MKL on x86),
 // the row max / exp / sum between them is a vectorised loop. K/V tiles are rotated and converted
 // to fp32 as they are packed; fp32 K/V without RoPE are read in place.
@@ -300,7 +300,9 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
     st.s.resize(kBlockQ * kBlockK); st.o.assign(R * D, 0.f);
     st.m.assign(R, -std::numeric_limits<float>::infinity()); st.l.assign(R, 0.f);
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
-    pack_rows(qp, sq, h, task.row0, R, D, st.q.data(), p.scale, rope, start, p.num_prefix_tokens);
+    // the scale multiplies the finished dot products (as the reference's SDPA does), not Q: a huge
+    // softmax_scale then overflows exactly where the reference's scores do
+    pack_rows(qp, sq, h, task.row0, R, D, st.q.data(), 1.f, rope, start, p.num_prefix_tokens);
     float* S = st.s.data();
     for (int64_t k0 = start; k0 < end; k0 += kBlockK) {
       const int64_t N = std::min(kBlockK, end - k0);
@@ -326,7 +328,7 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
-        gemm(false, true, M, N, D, 1.f, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kBlockK);  // S = (scale Q) K^T
+        gemm(false, true, M, N, D, p.scale, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kBlockK);  // S = scale Q K^T
         for (int64_t r = 0; r < M; ++r) {  // online softmax
           float* srow = S + r * kBlockK;
           const float m_new = std::max(m[r], row_max(srow, N));

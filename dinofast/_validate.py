@@ -244,3 +244,22 @@ def check_softmax_scale(scale, arg: str = "softmax_scale") -> None:
     check_finite(scale, arg)
     if scale > torch.finfo(torch.float32).max:
         fail(arg, f"a finite positive number <= {torch.finfo(torch.float32).max:.4g} (float32)", scale)
+
+
+def check_rope_extras(periods, coord_transform, head_dim: int, n: int, device: torch.device,
+                      prefix: str = "") -> Optional[torch.Tensor]:
+    """periods ([head_dim/4], finite positive) and coord_transform ([4] or [n, 4]) of a rotation,
+    named `prefix`periods / `prefix`coord_transform; returns coord_transform as contiguous float32
+    on `device` (or None)."""
+    if periods is not None:
+        check_tensor(periods, prefix + "periods", ndim=1)
+        if periods.numel() != head_dim // 4:
+            fail(prefix + "periods", f"[head_dim/4] = [{head_dim // 4}]", f"shape {tuple(periods.shape)}")
+        check_periods(periods, prefix + "periods")
+    if coord_transform is None:
+        return None
+    check_tensor(coord_transform, prefix + "coord_transform")
+    if coord_transform.numel() not in (4, 4 * n) or coord_transform.shape[-1] != 4:
+        fail(prefix + "coord_transform", f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
+             f"shape {tuple(coord_transform.shape)}")
+    return coord_transform.to(device=device, dtype=torch.float32).contiguous()

@@ -127,7 +127,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_q, grad_k):
     # The rotation is orthogonal: its adjoint is the rotation by -angle.
     freqs, cu_seqlens, grids, coord_transform = ctx.saved_tensors
-    grad_q, grad_k = _unit_stride(grad_q), _unit_stride(grad_k)
+    grad_q, grad_k = V.unit_last_stride(grad_q), V.unit_last_stride(grad_k)
     dq, dk = _rope2d_op(grad_q, grad_k, freqs, cu_seqlens, grids, ctx.hp, ctx.wp, coord_transform, ctx.P,
                         not ctx.inverse)
     return dq, dk, None, None, None, None, None, None, None, None
@@ -152,10 +152,6 @@ def _(q, k, inv_freq, cu_seqlens, grids, hp, wp, coord_transform, num_prefix_tok
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_transform):
     """Shape/dtype/device checks (safe under torch.compile tracing) and the op's arguments."""
     V.check_tensor(q, "q", dtypes=V.FLOAT_DTYPES)
@@ -167,11 +163,6 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
     D = q.shape[-1]
     V.check_head_dim(D, "q.shape[-1] (head dim)")
     V.check_finite(theta, "theta")
-    if periods is not None:
-        V.check_tensor(periods, "periods", ndim=1)
-        if periods.numel() != D // 4:
-            V.fail("periods", f"[head_dim/4] = [{D // 4}]", f"shape {tuple(periods.shape)}")
-        V.check_periods(periods, "periods")
     if packed:
         n = V.check_packed_meta(cu_seqlens, grids, q.shape[0], q.device)
         cu_seqlens, grids = cu_seqlens.contiguous(), grids.contiguous()
@@ -183,14 +174,9 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
             V.fail("q", f"N = num_prefix_tokens + Hp*Wp = {num_prefix_tokens} + {hp}*{wp} = "
                    f"{num_prefix_tokens + hp * wp} tokens (q is [B, H, N, D])", q.shape[2])
         grids = None
-    if coord_transform is not None:
-        V.check_tensor(coord_transform, "coord_transform")
-        if coord_transform.numel() not in (4, 4 * n) or coord_transform.shape[-1] != 4:
-            V.fail("coord_transform", f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
-                   f"shape {tuple(coord_transform.shape)}")
-        coord_transform = coord_transform.to(device=q.device, dtype=torch.float32).contiguous()
+    coord_transform = V.check_rope_extras(periods, coord_transform, D, n, q.device)
     freqs = rope_inv_freq(D, theta, periods, q.device)
-    return (_unit_stride(q), _unit_stride(k), freqs, cu_seqlens, grids, hp, wp, coord_transform,
+    return (V.unit_last_stride(q), V.unit_last_stride(k), freqs, cu_seqlens, grids, hp, wp, coord_transform,
             num_prefix_tokens)
 
 

@@ -191,7 +191,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens, inv_freq, grids, coord_transform = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(_unit_stride(grad_out), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
+    dq, dk, dv = _bwd_op(V.unit_last_stride(grad_out), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
                          inv_freq, grids, coord_transform, ctx.P)
     return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -202,10 +202,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope):
     """Shape/dtype/device checks (safe under torch.compile tracing) and the op's arguments."""
     V.check_tensor(q, "q", ndim=3, dtypes=DTYPES)
@@ -232,22 +228,11 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope):
         grids = grids.contiguous()
         V.check_nonneg_int(rope.num_prefix_tokens, "rope.num_prefix_tokens")
         V.check_finite(rope.theta, "rope.theta")
-        if rope.periods is not None:
-            V.check_tensor(rope.periods, "rope.periods", ndim=1)
-            if rope.periods.numel() != D // 4:
-                V.fail("rope.periods", f"[head_dim/4] = [{D // 4}]", f"shape {tuple(rope.periods.shape)}")
-            V.check_periods(rope.periods, "rope.periods")
-        coord_transform = rope.coord_transform
-        if coord_transform is not None:
-            V.check_tensor(coord_transform, "rope.coord_transform")
-            if coord_transform.numel() not in (4, 4 * n) or coord_transform.shape[-1] != 4:
-                V.fail("rope.coord_transform", f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
-                       f"shape {tuple(coord_transform.shape)}")
-            coord_transform = coord_transform.to(device=q.device, dtype=torch.float32).contiguous()
+        coord_transform = V.check_rope_extras(rope.periods, rope.coord_transform, D, n, q.device, "rope.")
         freqs = rope_inv_freq(D, rope.theta, rope.periods, q.device)
         P = rope.num_prefix_tokens
-    return (_unit_stride(q), _unit_stride(k), _unit_stride(v), cu_seqlens.contiguous(), max_seqlen,
-            float(softmax_scale),
+    return (V.unit_last_stride(q), V.unit_last_stride(k), V.unit_last_stride(v), cu_seqlens.contiguous(),
+            max_seqlen, float(softmax_scale),
             freqs, grids, coord_transform, P)
 
 
