@@ -24,7 +24,17 @@ except ImportError:  # pragma: no cover - exercised only on misconfigured machin
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ABI_VERSION = 2  # bump with dinofast/_backend.py:C_ABI_VERSION whenever an op schema in csrc/ changes
+
+
+def _abi_version() -> int:
+    """C_ABI_VERSION from dinofast/_abi.py, read without importing dinofast (its imports need the build)."""
+    scope: dict = {}
+    with open(os.path.join(ROOT, "dinofast", "_abi.py")) as f:
+        exec(compile(f.read(), "dinofast/_abi.py", "exec"), scope)
+    return int(scope["C_ABI_VERSION"])
+
+
+ABI_VERSION = _abi_version()
 
 
 def _cuda_wanted() -> bool:
@@ -76,7 +86,8 @@ def _extension():
 
 
 setup(
-    packages=["dinofast", "dinofast.ops", "dinofast.nn", "dinofast.reference", "dinofast.kernels", "dinofast.data", "dinofast.models"],
+    packages=["dinofast", "dinofast.ops", "dinofast.nn", "dinofast.reference", "dinofast.kernels", "dinofast.data",
+              "dinofast.models"],
     # The Triton kernels live at the top-level kernels/ but install as dinofast.kernels: a top-level
     # `kernels` module would shadow an unrelated PyPI package.
     package_dir={"dinofast.kernels": "kernels"},

@@ -5,7 +5,7 @@ a safetensors shard, ViT-S dimensions with random weights, 64 generated images o
 
     pytest benchmarks/test_extract.py --benchmark-only -s
 
-Target (issue 6): packed >= 1.3x the per-image loop in images/s, checked by the packed row when
+Target: packed >= 1.3x the per-image loop in images/s, checked by the packed row when
 the per-image row ran first in the same session.
 """
 import os

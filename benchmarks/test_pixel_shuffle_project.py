@@ -2,7 +2,7 @@
 and the floor, the GEMM alone on a pre-shuffled contiguous tensor. Forward, and forward+backward
 (grads of x and weight). 5 prefix tokens, no bias (nanoVLM's projector).
 
-The issue's grid is D {768, 1024} x out {960, 2048} x s {2, 4} x {512, 768, 1024, 640x960} x B {1, 8},
+The benchmark grid is D {768, 1024} x out {960, 2048} x s {2, 4} x {512, 768, 1024, 640x960} x B {1, 8},
 forward and forward+backward: 128 shapes, several hours on a 2-core CPU. By default a trimmed grid
 runs (every resolution, factor and batch for D 768 -> 960, D 1024 -> 2048 on two resolutions,
 forward+backward on two resolutions); DINOFAST_BENCH_FULL=1 runs the full grid.

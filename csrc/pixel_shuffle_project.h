@@ -1,6 +1,6 @@
 // Pixel shuffle + projection: the index map, argument checks and the tiled GEMM drivers shared by
 // pixel_shuffle_project_cpu.cpp (CPU) and pixel_shuffle_project_cuda.cu (CUDA).
-// Index map (shared/dinov3-reference.md, "Pixel shuffle"), factor s, Gw = Wp/s:
+// Index map (README, "Pixel shuffle + projection"), factor s, Gw = Wp/s:
 //   A[m = I*Gw + J, (dy*s + dx)*D + d] = x[b, P + (I*s + dy)*Wp + (J*s + dx), d],   y = A @ W^T + b.
 // The shuffled matrix A is never built whole: the drivers gather one panel of it at a time into a
 // scratch buffer (at most kPanelBytes) and hand the panel to the BLAS/cuBLAS GEMM.
@@ -73,7 +73,8 @@ inline Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor
                            int64_t factor, int64_t num_prefix_tokens) {
   TORCH_CHECK(x.dim() == 3, op, ": x: expected a 3-D [B, N, D] view, got ", x.dim(), "-D");
   DF_CHECK_FLOAT(x, "pixel_shuffle_project: x");
-  TORCH_CHECK(x.stride(2) == 1, op, ": x: expected unit stride on D, got ", x.stride(2));
+  // a size-1 D addresses one element whatever its stride
+  TORCH_CHECK(x.stride(2) == 1 || x.size(2) == 1, op, ": x: expected unit stride on D, got ", x.stride(2));
   TORCH_CHECK(factor >= 1, op, ": factor: expected >= 1, got ", factor);
   TORCH_CHECK(num_prefix_tokens >= 0, op, ": num_prefix_tokens: expected >= 0, got ", num_prefix_tokens);
   Geometry g;
@@ -86,8 +87,8 @@ inline Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor
   DF_CHECK_DEVICE(weight, x, "pixel_shuffle_project: weight");
   g.out_features = weight.size(0);
   g.K = weight.size(1);
-  TORCH_CHECK(g.K == g.D * factor * factor, op, ": weight: expected in-features D*s*s = ", g.D * factor * factor,
-              ", got ", g.K);
+  const int64_t k_expected = checked_mul(g.D, checked_mul(factor, factor, op, "factor*factor"), op, "D*s*s");
+  TORCH_CHECK(g.K == k_expected, op, ": weight: expected in-features D*s*s = ", k_expected, ", got ", g.K);
   TORCH_CHECK(y2.dim() == 2 && y2.size(1) == g.out_features && y2.is_contiguous(), op,
               ": output/grad: expected contiguous [M, ", g.out_features, "], got ", y2.sizes());
   TORCH_CHECK(y2.scalar_type() == x.scalar_type(), op, ": output/grad: expected dtype ", x.scalar_type());
@@ -115,10 +116,11 @@ inline Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor
     g.n_images = g.B;
     TORCH_CHECK(hp > 0 && wp > 0 && hp % factor == 0 && wp % factor == 0, op,
                 ": grids: expected positive (Hp, Wp) divisible by factor ", factor, ", got (", hp, ", ", wp, ")");
-    TORCH_CHECK(g.N == num_prefix_tokens + hp * wp, op, ": N: expected num_prefix_tokens + Hp*Wp = ",
-                num_prefix_tokens + hp * wp, ", got ", g.N);
+    const int64_t tokens = image_tokens(num_prefix_tokens, hp, wp, op);
+    TORCH_CHECK(g.N == tokens, op, ": N: expected num_prefix_tokens + Hp*Wp = ", tokens, ", got ", g.N);
     g.G = (hp / factor) * (wp / factor);
-    TORCH_CHECK(g.M == g.B * g.G, op, ": output/grad: expected B*Gh*Gw = ", g.B * g.G, " rows, got ", g.M);
+    const int64_t rows = checked_mul(g.B, g.G, op, "B*Gh*Gw");
+    TORCH_CHECK(g.M == rows, op, ": output/grad: expected B*Gh*Gw = ", rows, " rows, got ", g.M);
   }
   return g;
 }
@@ -132,9 +134,9 @@ inline void check_packed_values(const char* op, const Geometry& g, const Packed&
     TORCH_CHECK(hp > 0 && wp > 0 && hp % g.factor == 0 && wp % g.factor == 0, op,
                 ": grids: expected positive sides divisible by factor ", g.factor, " for image ", i, ", got (", hp,
                 ", ", wp, ")");
-    TORCH_CHECK(p.cu[i + 1] - p.cu[i] == g.num_prefix_tokens + hp * wp, op, ": cu_seqlens: segment ", i,
-                " expected num_prefix_tokens + Hp*Wp = ", g.num_prefix_tokens + hp * wp, " tokens, got ",
-                p.cu[i + 1] - p.cu[i]);
+    const int64_t tokens = image_tokens(g.num_prefix_tokens, hp, wp, op);
+    TORCH_CHECK(int64_t(p.cu[i + 1]) - p.cu[i] == tokens, op, ": cu_seqlens: segment ", i,
+                " expected num_prefix_tokens + Hp*Wp = ", tokens, " tokens, got ", int64_t(p.cu[i + 1]) - p.cu[i]);
     TORCH_CHECK(p.out_cu[i + 1] - p.out_cu[i] == (hp / g.factor) * (wp / g.factor), op,
                 ": out_cu_seqlens: segment ", i, " expected Gh*Gw = ", (hp / g.factor) * (wp / g.factor));
   }

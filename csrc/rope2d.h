@@ -1,5 +1,5 @@
 // 2D RoPE index math and argument checks, shared by rope2d_cpu.cpp (CPU) and rope2d_cuda.cu (CUDA).
-// Numerics: shared/dinov3-reference.md; oracle: dinofast/reference/rope2d.py.
+// Numerics and oracle: dinofast/reference/rope2d.py.
 #pragma once
 #include <cmath>
 #include "common.h"
@@ -121,8 +121,8 @@ inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::T
   } else {
     g.n_images = g.B;
     TORCH_CHECK(hp > 0 && wp > 0, "rope2d: grids: expected positive (Hp, Wp), got (", hp, ", ", wp, ")");
-    TORCH_CHECK(g.N == num_prefix_tokens + hp * wp, "rope2d: N: expected num_prefix_tokens + Hp*Wp = ",
-                num_prefix_tokens + hp * wp, ", got ", g.N);
+    const int64_t tokens = image_tokens(num_prefix_tokens, hp, wp, "rope2d");
+    TORCH_CHECK(g.N == tokens, "rope2d: N: expected num_prefix_tokens + Hp*Wp = ", tokens, ", got ", g.N);
   }
   g.hp = hp; g.wp = wp;
   g.has_transform = coord_transform.has_value();

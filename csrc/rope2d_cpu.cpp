@@ -25,6 +25,12 @@ inline void rotate_row(const scalar_t* in, scalar_t* out, const acc_t* cs, const
 }
 
 template <typename scalar_t>
+inline void copy_row(const scalar_t* in, scalar_t* out, int64_t D) {
+  if (in == out) return;
+  for (int64_t d = 0; d < D; ++d) out[d] = in[d];
+}
+
+template <typename scalar_t>
 void rope2d_cpu_impl(const at::Tensor& q, const at::Tensor& k, at::Tensor& q_out, at::Tensor& k_out,
                      const at::Tensor& inv_freq, const int32_t* cu, const int32_t* grids,
                      const float* transform, const Geometry& g) {
@@ -45,9 +51,15 @@ void rope2d_cpu_impl(const at::Tensor& q, const at::Tensor& k, at::Tensor& q_out
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / g.N, t = bt % g.N;
       const TokenPlace p = locate_token(g, cu, grids, transform, b, t);
-      if (p.pos < 0) {  // prefix token: identity rotation
-        for (int64_t d = 0; d < half; ++d) { cs[d] = acc_t(1); sn[d] = acc_t(0); }
+      if (p.pos < 0) {  // prefix token: copied bit for bit (x*1 - y*0 would turn an Inf into NaN)
+        for (int64_t h = 0; h < g.H; ++h) {
+          copy_row(qi + b * q.stride(0) + t * q.stride(1) + h * q.stride(2),
+                   qo + b * q_out.stride(0) + t * q_out.stride(1) + h * q_out.stride(2), g.D);
+          copy_row(ki + b * k.stride(0) + t * k.stride(1) + h * k.stride(2),
+                   ko + b * k_out.stride(0) + t * k_out.stride(1) + h * k_out.stride(2), g.D);
+        }
         y_cached = false;
+        continue;
       } else {
         // The first D/4 channels depend on the row only: consecutive tokens of a row reuse them.
         const bool same_row = y_cached && p.img == y_img && p.y == y_last;
@@ -83,6 +95,8 @@ void rope2d_cpu(const at::Tensor& q, const at::Tensor& k, at::Tensor q_out, at::
     for (int64_t i = 0; i < g.n_images; ++i) {
       TORCH_CHECK(cu[i + 1] >= cu[i], "rope2d: cu_seqlens: expected non-decreasing values at ", i);
       TORCH_CHECK(gr[2 * i] > 0 && gr[2 * i + 1] > 0, "rope2d: grids: expected positive sides for image ", i);
+      TORCH_CHECK(int64_t(cu[i + 1]) - cu[i] == image_tokens(g.num_prefix_tokens, gr[2 * i], gr[2 * i + 1], "rope2d"),
+                  "rope2d: cu_seqlens: segment ", i, " expected num_prefix_tokens + Hp*Wp tokens");
     }
     TORCH_CHECK(cu[g.n_images] == g.N, "rope2d: cu_seqlens: expected last value ", g.N, ", got ", cu[g.n_images]);
   }

@@ -8,6 +8,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "common.h"
 #include "rope2d.h"
@@ -98,8 +99,11 @@ inline Problem check_args(const at::Tensor& q, std::initializer_list<std::pair<c
   p.n_segments = cu_seqlens.numel() - 1;
   TORCH_CHECK(max_seqlen >= 0, "varlen_attention: max_seqlen: expected >= 0, got ", max_seqlen);
   p.max_seqlen = max_seqlen;
-  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0,
-              "varlen_attention: softmax_scale: expected a finite positive number, got ", softmax_scale);
+  // the kernels compute in fp32: a scale that overflows fp32 would become inf
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0 &&
+                  softmax_scale <= static_cast<double>(std::numeric_limits<float>::max()),
+              "varlen_attention: softmax_scale: expected a finite positive number representable in float32, got ",
+              softmax_scale);
   p.scale = static_cast<float>(softmax_scale);
   p.has_rope = inv_freq.has_value();
   p.num_prefix_tokens = num_prefix_tokens;

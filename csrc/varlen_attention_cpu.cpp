@@ -1,7 +1,7 @@
 // Varlen attention on CPU: tiled online softmax (flash-attention style) in fp32.
 //
 // Forward: one task per (segment, head, up to 16 blocks of kBlockQ queries). A task packs its query
-// tiles (rotated by RoPE, times softmax_scale) into fp32, then walks the segment's keys kBlockK at a time:
+// tiles (rotated by RoPE) into fp32, then walks the segment's keys kBlockK at a time:
 // S = Q K^T and O += P V are BLAS gemms on cache-resident tiles (at::mm_out on blob views: MKL on x86),
 // the row max / exp / sum between them is a vectorised loop. K/V tiles are rotated and converted
 // to fp32 as they are packed; fp32 K/V without RoPE are read in place.
@@ -65,9 +65,11 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 #define DF_MULTIVERSION
 #endif
 
+// NaN passes through both clamps (each comparison is false for NaN) and comes out NaN: a NaN score
+// (NaN query or key, or inf - inf after an +Inf score) makes the row NaN, as in the reference.
 DF_FAST_MATH inline float fast_exp(float x) {
-  x = x > -87.0f ? x : -87.0f;  // exp(-87) ~ 1.6e-38: below it the result is 0 for softmax purposes
-  x = x < 88.0f ? x : 88.0f;
+  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38: below it the result is 0 for softmax purposes
+  x = x > 88.0f ? 88.0f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -78,7 +80,8 @@ DF_FAST_MATH inline float fast_exp(float x) {
   y = y * r + 1.6666665459E-1f;
   y = y * r + 5.0000001201E-1f;
   y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // n is NaN only for a NaN input: any exponent then gives y * two_n = NaN.
+  const int32_t bits = ((n == n ? static_cast<int32_t>(n) : 0) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(float));
   return y * two_n;
@@ -236,7 +239,8 @@ std::vector<std::pair<int64_t, int64_t>> read_segments(const at::Tensor& cu_seql
                 cu[s + 1] - cu[s], " (segment ", s, "), got ", p.max_seqlen);
     if (grids != nullptr) {
       TORCH_CHECK(grids[2 * s] > 0 && grids[2 * s + 1] > 0, "varlen_attention: grids: expected positive sides for image ", s);
-      TORCH_CHECK(cu[s + 1] - cu[s] == p.num_prefix_tokens + int64_t(grids[2 * s]) * grids[2 * s + 1],
+      TORCH_CHECK(int64_t(cu[s + 1]) - cu[s] ==
+                      image_tokens(p.num_prefix_tokens, grids[2 * s], grids[2 * s + 1], "varlen_attention"),
                   "varlen_attention: cu_seqlens: segment ", s, " expected num_prefix_tokens + Hp*Wp tokens");
     }
     segment_bounds(cu, s, p.T, segs[s].first, segs[s].second);
@@ -296,7 +300,9 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
     st.s.resize(kBlockQ * kBlockK); st.o.assign(R * D, 0.f);
     st.m.assign(R, -std::numeric_limits<float>::infinity()); st.l.assign(R, 0.f);
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
-    pack_rows(qp, sq, h, task.row0, R, D, st.q.data(), p.scale, rope, start, p.num_prefix_tokens);
+    // the scale multiplies the finished dot products (as the reference's SDPA does), not Q: a huge
+    // softmax_scale then overflows exactly where the reference's scores do
+    pack_rows(qp, sq, h, task.row0, R, D, st.q.data(), 1.f, rope, start, p.num_prefix_tokens);
     float* S = st.s.data();
     for (int64_t k0 = start; k0 < end; k0 += kBlockK) {
       const int64_t N = std::min(kBlockK, end - k0);
@@ -322,7 +328,7 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
-        gemm(false, true, M, N, D, 1.f, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kBlockK);  // S = (scale Q) K^T
+        gemm(false, true, M, N, D, p.scale, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kBlockK);  // S = scale Q K^T
         for (int64_t r = 0; r < M; ++r) {  // online softmax
           float* srow = S + r * kBlockK;
           const float m_new = std::max(m[r], row_max(srow, N));

@@ -15,6 +15,9 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+# A _C built from other op schemas is treated as missing (setup.py compiles the same number in).
+from dinofast._abi import C_ABI_VERSION
+
 BACKENDS = ("reference", "triton", "cpp", "cuda")
 
 # Automatic choice, by the device type of the inputs: the first available backend wins.
@@ -22,9 +25,6 @@ PREFERENCE = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpp", "reference"),
 }
-
-# Must equal setup.py's ABI_VERSION: a _C built from older op schemas is treated as missing.
-C_ABI_VERSION = 2
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("dinofast_backend", default=None)
 

@@ -135,3 +135,135 @@ def check_cu_seqlens(cu_seqlens, device: torch.device) -> int:
     if cu_seqlens.device != device:
         fail("cu_seqlens", f"device {device}", cu_seqlens.device)
     return cu_seqlens.numel() - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Aliasing, periods, strides: checks on metadata only (no device read), except where noted.
+# ---------------------------------------------------------------------------------------------
+def _dims(t: torch.Tensor) -> List[Tuple[int, int]]:
+    """(stride, size) of the dims that matter for addressing (size > 1), by stride ascending."""
+    return sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+
+
+def _nested(dims: List[Tuple[int, int]]) -> bool:
+    """Every stride beyond the span of the smaller ones: then distinct indices give distinct
+    addresses, and an offset has at most one decomposition per sign pattern (searched below)."""
+    span = 0
+    for st, n in dims:
+        if st <= span:
+            return False
+        span += (n - 1) * st
+    return True
+
+
+def _reachable(delta: int, dims: List[Tuple[int, int]]) -> bool:
+    """Whether delta = sum_d i_d * stride_d for some |i_d| <= size_d - 1 (dims nested, largest
+    stride last). Two candidates per dim (floor and ceil): at most 2**ndim steps."""
+    if not dims:
+        return delta == 0
+    (st, n), rest = dims[-1], dims[:-1]
+    span = sum((m - 1) * s for s, m in rest)
+    for i in {delta // st, -(-delta // st)}:
+        if abs(i) <= n - 1 and abs(delta - i * st) <= span and _reachable(delta - i * st, rest):
+            return True
+    return False
+
+
+def _extent(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last] element offsets of t in its storage."""
+    lo = hi = t.storage_offset()
+    for st, n in zip(t.stride(), t.shape):
+        (lo, hi) = (lo + st * (n - 1), hi) if st < 0 else (lo, hi + st * (n - 1))
+    return lo, hi
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def check_no_internal_overlap(t: torch.Tensor, arg: str) -> None:
+    """A tensor written in place must not address one element twice (expand(), stride 0, an
+    overlapping as_strided): each write would be applied on top of another."""
+    if torch.compiler.is_compiling() or t.numel() <= 1:
+        return
+    dims = _dims(t)
+    if any(st <= 0 for st, _ in dims) or not _nested(dims):
+        if torch._debug_has_internal_overlap(t) != 0 or any(st <= 0 for st, _ in dims):
+            fail(arg, "a tensor whose elements are distinct memory locations (not expanded, no stride 0, no "
+                 "overlapping as_strided)", f"shape {tuple(t.shape)} with strides {t.stride()}")
+
+
+def check_disjoint(a: torch.Tensor, a_arg: str, b: torch.Tensor, b_arg: str) -> None:
+    """Two tensors written in place must not share an element (rope2d_(q, q), overlapping views);
+    views that interleave without sharing one (q and k of one qkv buffer) are fine."""
+    if torch.compiler.is_compiling() or a.numel() == 0 or b.numel() == 0 or not _same_storage(a, b):
+        return
+    (alo, ahi), (blo, bhi) = _extent(a), _extent(b)
+    if ahi < blo or bhi < alo:
+        return
+    dims = _dims(a)
+    if a.shape == b.shape and a.stride() == b.stride() and _nested(dims):
+        if not _reachable(b.storage_offset() - a.storage_offset(), dims):
+            return
+    fail(f"{a_arg}, {b_arg}", f"tensors that share no memory ({a_arg} is written in place)",
+         f"overlapping views of one storage ({a_arg} at offset {a.storage_offset()}, strides {a.stride()}; "
+         f"{b_arg} at offset {b.storage_offset()}, strides {b.stride()})")
+
+
+def check_periods(periods: torch.Tensor, arg: str) -> None:
+    """Periods must be finite and positive: a zero or NaN period gives NaN angles (the inverse
+    frequency is 1/period). On CPU the values are read here; on an accelerator the check is an
+    asynchronous device assertion (no host sync)."""
+    if not periods.is_floating_point():
+        fail(arg, "a floating tensor of finite positive periods", periods.dtype)
+    ok = (torch.isfinite(periods) & (periods > 0)).all()
+    if periods.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            fail(arg, "finite positive periods", periods.tolist())
+    else:
+        torch._assert_async(ok, f"{arg}: expected finite positive periods")
+
+
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x with stride 1 on its last dim, copying only when needed: a size-1 last dim may carry any
+    stride (it addresses one element), so it is re-strided instead of being refused."""
+    if x.stride(-1) == 1:
+        return x
+    if x.shape[-1] == 1:
+        return x.as_strided(x.shape, x.stride()[:-1] + (1,), x.storage_offset())
+    return x.contiguous()
+
+
+def check_coord_param(value, arg: str, *, minimum: float, inclusive: bool = True) -> None:
+    """An optional coordinate-augmentation parameter: None or a finite number >= / > minimum."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value < minimum if inclusive else value <= minimum):
+        fail(arg, f"None or a finite number {'>=' if inclusive else '>'} {minimum}", value)
+
+
+def check_softmax_scale(scale, arg: str = "softmax_scale") -> None:
+    """A finite positive scale that float32 holds: the kernels scale in fp32, where 1e300 is inf."""
+    check_finite(scale, arg)
+    if scale > torch.finfo(torch.float32).max:
+        fail(arg, f"a finite positive number <= {torch.finfo(torch.float32).max:.4g} (float32)", scale)
+
+
+def check_rope_extras(periods, coord_transform, head_dim: int, n: int, device: torch.device,
+                      prefix: str = "") -> Optional[torch.Tensor]:
+    """periods ([head_dim/4], finite positive) and coord_transform ([4] or [n, 4]) of a rotation,
+    named `prefix`periods / `prefix`coord_transform; returns coord_transform as contiguous float32
+    on `device` (or None)."""
+    if periods is not None:
+        check_tensor(periods, prefix + "periods", ndim=1)
+        if periods.numel() != head_dim // 4:
+            fail(prefix + "periods", f"[head_dim/4] = [{head_dim // 4}]", f"shape {tuple(periods.shape)}")
+        check_periods(periods, prefix + "periods")
+    if coord_transform is None:
+        return None
+    check_tensor(coord_transform, prefix + "coord_transform")
+    if coord_transform.numel() not in (4, 4 * n) or coord_transform.shape[-1] != 4:
+        fail(prefix + "coord_transform", f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
+             f"shape {tuple(coord_transform.shape)}")
+    return coord_transform.to(device=device, dtype=torch.float32).contiguous()

@@ -3,7 +3,7 @@
 compile_specs() builds @triton.jit kernels for compute capabilities (80: A100, 90: H100) and
 returns, per kernel, its PTX, shared-memory use and the ptxas register/spill report. It runs in a
 subprocess because the test session imports the kernels under TRITON_INTERPRET=1, where they are
-interpreter objects that cannot be compiled. See shared/gpu-less-verification.md.
+interpreter objects that cannot be compiled.
 
 A spec: dict(module="dinofast.kernels.rope2d", kernel="rope2d_kernel", pointers={arg: "*bf16"},
 constexprs={...}, capability=90, num_warps=4, num_stages=3). Args not in pointers/constexprs are i32.

@@ -39,7 +39,7 @@ TOL = {
     "attention:bfloat16": dict(atol=3e-2, rtol=2.0**-7),
 }
 
-# Whole models (issue 5): patched / packed DINOv3 against transformers in fp32, max abs difference
+# Whole models: patched / packed DINOv3 against transformers in fp32, max abs difference
 # of outputs of order 1 after several layers (summation order differs: fused qkv GEMM, fused rope).
 MODEL_ATOL = 1e-4
 
@@ -63,10 +63,12 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(_backend, "POISON_OUTPUTS", True)
 
 
-def backend_params():
-    """All backends, each skipped with its reason where it cannot run on DEVICE."""
+def backend_params(exclude=()):
+    """All backends (but `exclude`), each skipped with its reason where it cannot run on DEVICE."""
     params = []
     for name in dinofast.BACKENDS:
+        if name in exclude:
+            continue
         reason = _backend.why_unavailable(name, DEVICE.type)
         marks = [pytest.mark.skip(reason=f"{name} on {DEVICE.type}: {reason}")] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
@@ -77,6 +79,38 @@ def backend_params():
 def backend_name(request):
     with dinofast.backend(request.param):
         yield request.param
+
+
+@pytest.fixture(params=backend_params(exclude=("reference",)))
+def kernel_backend(request):
+    """Every backend but the reference: the reference backend runs the oracle's own code, so a parity
+    test of it against the oracle could not fail. The reference is tested against independent
+    oracles instead (transformers, dense masked SDPA, nanoVLM's formula, finite differences)."""
+    with dinofast.backend(request.param):
+        yield request.param
+
+
+# Low-precision attention, flash-attention's rule: the error of a backend against the fp64 oracle
+# at most twice that of the same computation in PyTorch in the input dtype (plus an fp32 floor).
+FLASH_RULE_FACTOR, FLASH_RULE_FLOOR = 2.0, 1e-5
+# Gradients of fp16/bf16 inputs from the backends that accumulate in fp32 and round once (reference,
+# cpp): within 5e-3 absolute plus one rounding of the dtype, against the fp64 oracle.
+GRAD_FP32_ACCUM_ATOL = 5e-3
+
+
+def assert_flash_rule(actual: torch.Tensor, oracle: torch.Tensor, baseline: torch.Tensor):
+    """max|actual - oracle| <= 2 * max|baseline - oracle| + 1e-5; baseline: PyTorch's computation of
+    the same thing in actual's dtype; oracle in fp64."""
+    a, o, b = actual.double(), oracle.double(), baseline.double()
+    assert not torch.isnan(a).any(), "output holds NaN: an element was left unwritten (outputs are poisoned)"
+    err, base = (a - o).abs().max().item(), (b - o).abs().max().item()
+    assert err <= FLASH_RULE_FACTOR * base + FLASH_RULE_FLOOR, f"max abs err {err:.3g} > 2 x PyTorch's {base:.3g}"
+
+
+def assert_nan_like(actual: torch.Tensor, expected: torch.Tensor):
+    """NaN exactly where the reference has NaN; elsewhere finite or equal infinities."""
+    assert torch.equal(actual.isnan(), expected.isnan()), (
+        f"NaN at {actual.isnan().sum().item()} elements, the reference at {expected.isnan().sum().item()}")
 
 
 def make_cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:

@@ -12,11 +12,49 @@ from dinofast import _backend
 from dinofast.ops.rope2d import IMPLS
 
 
-def test_automatic_choice_follows_the_preference_table():
-    want = next(b for b in _backend.PREFERENCE["cpu"] if _backend.why_unavailable(b, "cpu") is None)
+def test_automatic_choice_on_cpu():
+    """The documented choice on CPU: cpp when dinofast._C is built, else the reference (Triton never
+    runs automatically on CPU: its interpreter is for tests)."""
+    want = "cpp" if _backend.load_C() is not None else "reference"
     assert _backend.select(IMPLS, torch.device("cpu"), "rope2d") == want
+
+
+def test_automatic_choice_without_C_is_the_reference(monkeypatch):
+    monkeypatch.setattr(_backend, "why_unavailable",
+                        lambda name, device: None if name == "reference" else "switched off by the test")
+    assert _backend.select(IMPLS, torch.device("cpu"), "rope2d") == "reference"
+    assert _backend.select(IMPLS, torch.device("cuda"), "rope2d") == "reference"
+    monkeypatch.setattr(_backend, "why_unavailable", lambda name, device: None)  # everything available
+    assert _backend.select(IMPLS, torch.device("cuda"), "rope2d") == "triton"
+    assert _backend.select(IMPLS, torch.device("cpu"), "rope2d") == "cpp"
+    assert _backend.select({"reference": None, "cuda": None}, torch.device("cuda"), "op") == "cuda"
+
+
+def test_import_dinofast_is_lazy_about_the_model_and_data_layers():
+    out = _run_python(textwrap.dedent("""
+        import sys
+        import dinofast
+        heavy = [m for m in ("PIL", "transformers", "safetensors", "dinofast.data", "dinofast.models")
+                 if m in sys.modules]
+        assert not heavy, heavy
+        assert dinofast.CheckpointError.__name__ == "CheckpointError" and callable(dinofast.pack)
+        print("ok")
+    """))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_abi_version_has_one_source():
+    import re
+
+    from dinofast import _abi
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    assert _backend.C_ABI_VERSION == _abi.C_ABI_VERSION
+    setup = open(os.path.join(root, "setup.py")).read()
+    assert not re.search(r"ABI_VERSION\s*=\s*\d", setup), "setup.py must read the version from dinofast/_abi.py"
     if _backend.load_C() is not None:
-        assert want == "cpp"
+        assert _backend.load_C().abi_version() == _abi.C_ABI_VERSION
 
 
 def test_forcing_an_unavailable_backend_raises():

@@ -21,8 +21,8 @@ def default_periods(model):
 
 
 def to_original_layout(model, periods="default", *, bias_mask=True):
-    """The test's own writer of the original DINOv3 layout, following the documented mapping
-    (shared/dinov3-reference.md): fused qkv rows [q | k | v] with a bias_mask, ls*.gamma,
+    """The test's own writer of the original DINOv3 layout, following the mapping documented in
+    dinofast/models/checkpoint.py: fused qkv rows [q | k | v] with a bias_mask, ls*.gamma,
     storage_tokens, mask_token [1, C], rope_embed.periods, fc1/fc2 or w1/w2/w3."""
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     C = model.config.hidden_size
@@ -216,7 +216,8 @@ def test_extra_key(original, tmp_path):
 def test_wrong_shape(original, tmp_path):
     sd = original[1]
     sd["blocks.1.mlp.fc2.weight"] = sd["blocks.1.mlp.fc2.weight"][:, :-1].clone()
-    with pytest.raises(dinofast.CheckpointError, match=r"blocks.1.mlp.fc2.weight: expected shape \[128, 256\], got \[128, 255\]"):
+    with pytest.raises(dinofast.CheckpointError,
+                       match=r"blocks.1.mlp.fc2.weight: expected shape \[128, 256\], got \[128, 255\]"):
         dinofast.load_dinov3(save(sd, tmp_path / "c.safetensors"))
     sd = original[1]
     sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"][:-2]
@@ -303,3 +304,214 @@ def test_not_a_checkpoint(tmp_path, case, match):
         path.mkdir()
     with pytest.raises(dinofast.CheckpointError, match=match):
         dinofast.load_dinov3(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile checkpoints: refused fast, with a bounded message naming the file and the field
+# ---------------------------------------------------------------------------------------------
+def raises_fast(path, match, *, seconds=20.0, max_message=4000, **kw):
+    """load_dinov3(path) raises CheckpointError matching `match`, within `seconds`, with a message
+    of at most max_message characters."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(dinofast.CheckpointError, match=match) as info:
+        dinofast.load_dinov3(path, **kw)
+    assert time.perf_counter() - t0 < seconds
+    assert len(str(info.value)) <= max_message, len(str(info.value))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("index", [99999999999, 10**5, 10**30])
+def test_huge_block_index_is_refused_fast(original, tmp_path, index):
+    sd = original[1]
+    sd[f"blocks.{index}.x"] = torch.ones(1)
+    raises_fast(save(sd, tmp_path / "c.safetensors"), rf"blocks: expected layer indices 0..2 .*'{index}'")
+
+
+def test_many_unexpected_keys_give_a_short_message(original, tmp_path):
+    sd = original[1]
+    for i in range(3000):
+        sd[f"junk.{i}." + "x" * 500] = torch.ones(1)
+    msg = raises_fast(save(sd, tmp_path / "c.safetensors"), r"unexpected keys \(3000\): .* and 2980 more")
+    assert "x" * 200 not in msg
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    source = random_model()
+    source.save_pretrained(tmp_path / "hf")
+    return source, tmp_path / "hf"
+
+
+def edit_config(directory, **fields):
+    import json
+
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.update(fields)
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def test_num_hidden_layers_beyond_the_weights_is_refused_fast(hf_dir):
+    _, d = hf_dir
+    edit_config(d, num_hidden_layers=1000000)
+    raises_fast(d, r"config.json.*num_hidden_layers: expected 2 \(the layers in the weights\), got 1000000")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("hidden_size", "abc", r"hidden_size: expected a positive int, got 'abc'"),
+    ("num_attention_heads", 0, r"num_attention_heads: expected a positive int, got 0"),
+    ("num_attention_heads", 3, r"num_attention_heads: expected a divisor of hidden_size 128"),
+    ("intermediate_size", 2.5, r"intermediate_size: expected a positive int, got 2.5"),
+    ("layer_norm_eps", "tiny", r"layer_norm_eps: expected a finite positive number"),
+    ("num_register_tokens", -1, r"num_register_tokens: expected a non-negative int, got -1"),
+    ("use_gated_mlp", "yes", r"use_gated_mlp: expected true or false, got 'yes'"),
+    ("num_hidden_layers", None, r"num_hidden_layers: expected a positive int, got None"),
+    (PERIODS_CONFIG_KEY, "abc", PERIODS_CONFIG_KEY + r": expected a list of 16 finite positive periods, got 'abc'"),
+    (PERIODS_CONFIG_KEY, [1.0] * 15 + [0.0], PERIODS_CONFIG_KEY + r": expected a list of 16 finite positive"),
+    (PERIODS_CONFIG_KEY, [[1.0] * 16], PERIODS_CONFIG_KEY + r": expected a list of 16 finite positive"),
+])
+def test_wrong_config_fields_name_file_and_field(hf_dir, field, value, match):
+    _, d = hf_dir
+    edit_config(d, **{field: value})
+    raises_fast(d, r"config\.json.*" + match)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_config_that_is_not_a_json_object(hf_dir, text):
+    _, d = hf_dir
+    (d / "config.json").write_bytes(text.encode("latin-1"))
+    raises_fast(d, r"config\.json.*config: expected a JSON object")
+
+
+def test_both_layer_spellings_are_refused(hf_dir):
+    from safetensors.torch import load_file
+
+    _, d = hf_dir
+    f = d / "model.safetensors"
+    sd = load_file(str(f))
+    sd["model.layer.0.norm1.weight"] = sd["layer.0.norm1.weight"] + 1  # a second, different copy
+    save_file(sd, str(f))
+    raises_fast(d, r"spelt either `layer.i.\*` or `model.layer.i.\*`, got both")
+
+
+def write_sharded(directory, shards, weight_map=None):
+    """shards: {file name: state dict}; the index maps every key to its shard unless given."""
+    import json
+
+    for name, sd in shards.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(directory / name))
+    if weight_map is None:
+        weight_map = {k: name for name, sd in shards.items() for k in sd}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def split_dir(hf):
+    """The single-file directory re-written as two shards; returns the two halves."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(hf / "model.safetensors"))
+    (hf / "model.safetensors").unlink()
+    keys = sorted(sd)
+    return {k: sd[k] for k in keys[::2]}, {k: sd[k] for k in keys[1::2]}
+
+
+def test_sharded_directory_loads(hf_dir):
+    source, d = hf_dir
+    a, b = split_dir(d)
+    write_sharded(d, {"model-1.safetensors": a, "model-2.safetensors": b})
+    assert_same_model(dinofast.load_dinov3(d), source)
+
+
+def test_same_key_in_two_shards_is_refused(hf_dir):
+    _, d = hf_dir
+    a, b = split_dir(d)
+    key = sorted(a)[0]
+    b[key] = a[key] + 1
+    write_sharded(d, {"model-1.safetensors": a, "model-2.safetensors": b},
+                  weight_map={**{k: "model-1.safetensors" for k in a}, **{k: "model-2.safetensors" for k in b}})
+    raises_fast(d, rf"tensors stored in more than one shard \(1\): \['{key}'\]")
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "sub/../../outside.safetensors", "link.safetensors"])
+def test_shard_outside_the_directory_is_refused(hf_dir, shard):
+    _, d = hf_dir
+    a, b = split_dir(d)
+    save_file({k: v.contiguous() for k, v in b.items()}, str(d.parent / "outside.safetensors"))
+    if shard == "link.safetensors":  # a symlink inside that points out
+        os.symlink(d.parent / "outside.safetensors", d / "link.safetensors")
+    write_sharded(d, {"model-1.safetensors": a},
+                  weight_map={**{k: "model-1.safetensors" for k in a}, **{k: shard for k in b}})
+    raises_fast(d, r"model.safetensors.index.json.*weight_map: expected shard files inside the model directory")
+
+
+@pytest.mark.parametrize("index, match", [
+    ("{broken", r"shard index: expected a JSON object"),
+    ('{"metadata": {}}', r"weight_map: expected a non-empty object"),
+    ('{"weight_map": {"a": 3}}', r"weight_map\['a'\]: expected a .safetensors file name, got 3"),
+    ('{"weight_map": []}', r"weight_map: expected a non-empty object"),
+])
+def test_bad_shard_index(hf_dir, index, match):
+    _, d = hf_dir
+    (d / "model.safetensors.index.json").write_text(index)
+    raises_fast(d, r"model\.safetensors\.index\.json.*" + match)
+
+
+def test_shard_holding_other_tensors_than_the_index_says(hf_dir):
+    _, d = hf_dir
+    a, b = split_dir(d)
+    moved = sorted(b)[0]
+    write_sharded(d, {"model-1.safetensors": a, "model-2.safetensors": b},
+                  weight_map={**{k: "model-1.safetensors" for k in a}, **{k: "model-2.safetensors" for k in b},
+                              moved: "model-1.safetensors"})
+    raises_fast(d, r"does not hold the tensors model.safetensors.index.json assigns to it")
+
+
+def test_dtype_cast_that_overflows_is_refused(original, tmp_path):
+    source, sd = original
+    sd["blocks.1.mlp.fc1.weight"][0, 0] = 1e6  # finite in fp32 and bf16, inf in fp16
+    path = save(sd, tmp_path / "c.safetensors")
+    raises_fast(path, r"dtype=torch.float16: the values of \['blocks.1.mlp.fc1.weight'\] overflow it",
+                dtype=torch.float16)
+    assert torch.isfinite(dinofast.load_dinov3(path, dtype=torch.bfloat16).model.layer[1].mlp.up_proj.weight).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool, torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("ext", ["safetensors", "pth"])
+def test_non_float_weights_are_refused_at_load(original, tmp_path, dtype, ext):
+    sd = original[1]
+    sd["blocks.0.norm1.weight"] = sd["blocks.0.norm1.weight"].to(dtype)
+    raises_fast(save(sd, tmp_path / f"c.{ext}"), rf"expected float32/float16/bfloat16/float64 tensors, got 1 of "
+                rf"other dtypes: \{{'blocks.0.norm1.weight': '{dtype}'\}}")
+
+
+def test_non_float_weight_in_a_directory_is_refused(hf_dir):
+    from safetensors.torch import load_file
+
+    _, d = hf_dir
+    sd = load_file(str(d / "model.safetensors"))
+    sd["layer.1.norm2.bias"] = sd["layer.1.norm2.bias"].to(torch.int32)
+    save_file(sd, str(d / "model.safetensors"))
+    raises_fast(d, r"model.safetensors.*'layer.1.norm2.bias': 'torch.int32'")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("rope_embed.periods", lambda sd: sd["rope_embed.periods"][None], r"rope_embed.periods: expected a 1-D"),
+    ("cls_token", lambda sd: torch.tensor(1.0), r"cls_token: expected shape \[1, 1, C\], got \[\]"),
+    ("cls_token", lambda sd: torch.ones(2, 1, 128), r"cls_token: expected shape \[1, 1, C\], got \[2, 1, 128\]"),
+    ("mask_token", lambda sd: torch.ones(1, 3), r"mask_token: expected shape \[1, 128\], got \[1, 3\]"),
+    ("storage_tokens", lambda sd: torch.ones(4, 128), r"storage_tokens: expected shape \[1, R, 128\], got \[4, 128\]"),
+    ("blocks.0.mlp.fc1.weight", lambda sd: torch.tensor(2.0), r"blocks.0.mlp.fc1.weight: expected a 2-D"),
+])
+def test_wrong_shaped_original_tensors(original, tmp_path, key, value, match):
+    sd = original[1]
+    sd[key] = value(sd)
+    raises_fast(save(sd, tmp_path / "c.safetensors"), match)
+
+
+@pytest.mark.parametrize("dtype", ["float32", torch.int32, 3])
+def test_dtype_argument_must_be_a_float_dtype(original, tmp_path, dtype):
+    path = save(original[1], tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"dtype: expected None or one of torch.float32"):
+        dinofast.load_dinov3(path, dtype=dtype)

@@ -9,7 +9,7 @@ from dinofast.models.dinov3 import is_patched
 from tests.conftest import DEVICE, MODEL_ATOL
 from tests.dinov3_models import images, max_diff, random_model
 
-SIZES = [(224, 224), (512, 384), (768, 768)]  # the parity sizes (H, W)
+SIZES = [(224, 224), (512, 384), (768, 768)]  # the parity sizes (H, W): square, landscape, large
 MIX = [(64, 64), (96, 32), (32, 112), (16, 16), (48, 80), (16, 64)]  # square, tall, wide, one-patch
 
 

@@ -1,4 +1,4 @@
-"""pixel_shuffle_project: every backend against the reference; the reference against the spec's
+"""pixel_shuffle_project: every kernel backend against the reference; the reference against the spec's
 index map and nanoVLM's formula; gradients, module, torch.compile, bad input, AOT GPU compile."""
 import math
 
@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import dinofast
 from dinofast.reference.pixel_shuffle_project import (
     pixel_shuffle, pixel_shuffle_project_reference, shuffle_source_rows)
-from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn, with_debug_checks
+from tests.conftest import DEVICE, assert_close, assert_nan_like, make_cu_seqlens, randn, with_debug_checks
 
 # (grid, factor): rectangles for every s in {1, 2, 3, 4}
 GRIDS = [((3, 5), 1), ((4, 6), 2), ((6, 3), 3), ((8, 4), 4)]
@@ -99,7 +99,7 @@ def test_design_notes_vector(backend_name):
 @pytest.mark.parametrize("grid,s", GRIDS)
 @pytest.mark.parametrize("P", [0, 1, 5])
 @pytest.mark.parametrize("bias", [False, True])
-def test_batched_fp32(backend_name, grid, s, P, bias):
+def test_batched_fp32(kernel_backend, grid, s, P, bias):
     x, w, b = batched_inputs(2, grid, P, 24, 40, s, bias=bias)
     y = dinofast.pixel_shuffle_project(x, w, b, grids=grid, factor=s, num_prefix_tokens=P)
     want = pixel_shuffle_project_reference(x, w, b, grids=grid, factor=s, num_prefix_tokens=P)
@@ -109,7 +109,7 @@ def test_batched_fp32(backend_name, grid, s, P, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
-def test_low_precision_against_fp64(backend_name, dtype, packed):
+def test_low_precision_against_fp64(kernel_backend, dtype, packed):
     s, P = 2, 5
     if packed:
         x, w, b, cu, g = packed_inputs(PACKED_GRIDS, P, 40, 48, s, dtype)
@@ -126,7 +126,7 @@ def test_low_precision_against_fp64(backend_name, dtype, packed):
 
 @pytest.mark.parametrize("P", [0, 1, 5])
 @pytest.mark.parametrize("s", [1, 2])
-def test_packed_equals_per_image(backend_name, P, s):
+def test_packed_equals_per_image(kernel_backend, P, s):
     x, w, b, cu, g = packed_inputs(PACKED_GRIDS, P, 24, 40, s)
     y, out_cu = dinofast.pixel_shuffle_project(x, w, b, grids=g, factor=s, num_prefix_tokens=P, cu_seqlens=cu)
     want, want_cu = pixel_shuffle_project_reference(x, w, b, grids=g, factor=s, num_prefix_tokens=P, cu_seqlens=cu)
@@ -143,14 +143,14 @@ def test_packed_equals_per_image(backend_name, P, s):
     B=st.integers(1, 2), s=st.integers(1, 4), Gh=st.integers(1, 3), Gw=st.integers(1, 3), P=st.integers(0, 5),
     D=st.sampled_from([8, 24, 40]), out=st.sampled_from([1, 17, 40]), bias=st.booleans(),
 )
-def test_hypothesis_shapes(backend_name, B, s, Gh, Gw, P, D, out, bias):
+def test_hypothesis_shapes(kernel_backend, B, s, Gh, Gw, P, D, out, bias):
     grid = (Gh * s, Gw * s)
     x, w, b = batched_inputs(B, grid, P, D, out, s, bias=bias, seed=Gh * 7 + Gw)
     y = dinofast.pixel_shuffle_project(x, w, b, grids=grid, factor=s, num_prefix_tokens=P)
     assert_close(y, pixel_shuffle_project_reference(x, w, b, grids=grid, factor=s, num_prefix_tokens=P))
 
 
-def test_non_contiguous_inputs(backend_name):
+def test_non_contiguous_inputs(kernel_backend):
     # x with a padded row stride (a slice of a wider buffer) and a transposed weight buffer
     wide = randn(2, 5 + 24, 40, seed=1)
     x = wide[..., 8:32]
@@ -158,6 +158,76 @@ def test_non_contiguous_inputs(backend_name):
     b = randn(40, seed=3)
     y = dinofast.pixel_shuffle_project(x, w_t, b, grids=(4, 6), factor=2, num_prefix_tokens=5)
     assert_close(y, pixel_shuffle_project_reference(x, w_t, b, grids=(4, 6), factor=2, num_prefix_tokens=5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_non_contiguous(kernel_backend, dtype):
+    wide = randn(2, 5 + 24, 40, dtype=dtype, seed=4)
+    x = wide[..., 8:32]  # padded row stride
+    w, b = params(48, 24 * 4, dtype, seed=5)
+    y = dinofast.pixel_shuffle_project(x, w, b, grids=(4, 6), factor=2, num_prefix_tokens=5)
+    want = pixel_shuffle_project_reference(*f64(x, w, b), grids=(4, 6), factor=2, num_prefix_tokens=5)
+    assert_close(y, want, dtype)
+
+
+def test_ten_packed_images_and_two_m_tiles(kernel_backend):
+    """10 images, M = 50 output rows: more than one 32-row tile of the interpreted Triton dW loop."""
+    grids = [(2 * (1 + i % 3), 2 * (1 + (2 * i) % 3)) for i in range(10)]
+    x, w, b, cu, g = packed_inputs(grids, 5, 8, 12, 2, seed=6)
+    kw = dict(grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)
+    M = sum((h // 2) * (w_ // 2) for h, w_ in grids)
+    assert M > 32
+    y, _ = dinofast.pixel_shuffle_project(x, w, b, **kw)
+    want, _ = pixel_shuffle_project_reference(*f64(x, w, b), **kw)
+    assert_close(y, want, torch.float32)
+    grad_y = randn(M, 12, seed=7)
+    got = _grads(lambda *a: dinofast.pixel_shuffle_project(*a, **kw), x, w, b, grad_y)
+    want = _grads(lambda *a: pixel_shuffle_project_reference(*a, **kw), *f64(x, w, b), grad_y.double())
+    for g_, w_ in zip(got, want):
+        assert_close(g_, w_, torch.float32)
+
+
+@pytest.mark.parametrize("B, out", [(0, 12), (2, 0), (0, 0)])
+def test_empty_batch_or_no_outputs(backend_name, B, out):
+    """Any B and out width: B = 0 or out = 0 give empty outputs, and zero (not missing) gradients."""
+    x, w, b = batched_inputs(B, (4, 6), 5, 8, out, 2)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = dinofast.pixel_shuffle_project(x, w, b, grids=(4, 6), factor=2, num_prefix_tokens=5)
+    assert y.shape == (B, 6, out)
+    (y.sum() + 0 * w.sum()).backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+    assert (x.grad == 0).all() and (w.grad == 0).all() and (b.grad == 0).all()
+
+
+def test_size_one_feature_dim_with_any_stride_and_non_contiguous_metadata(backend_name):
+    wide = randn(2, 5 + 24, 3, seed=8)
+    x = wide[..., 1:2]  # D = 1, stride 3 on D
+    assert x.stride(-1) == 1 or x.shape[-1] == 1
+    x = x.as_strided(x.shape, x.stride()[:-1] + (7,), x.storage_offset())
+    w, b = params(10, 4, seed=9)
+    y = dinofast.pixel_shuffle_project(x, w, b, grids=(4, 6), factor=2, num_prefix_tokens=5)
+    assert_close(y, pixel_shuffle_project_reference(*f64(x.contiguous(), w, b), grids=(4, 6), factor=2,
+                                                    num_prefix_tokens=5), torch.float32)
+    px, pw, pb, cu, g = packed_inputs([(4, 6), (2, 2)], 1, 8, 10, 2, seed=10)
+    cu_view = torch.stack([cu, cu], 1)[:, 0]
+    g_view = torch.stack([g[:, 0], g[:, 0], g[:, 1]], 1)[:, ::2]
+    assert not cu_view.is_contiguous() and not g_view.is_contiguous()
+    y, out_cu = dinofast.pixel_shuffle_project(px, pw, pb, grids=g_view, factor=2, num_prefix_tokens=1,
+                                               cu_seqlens=cu_view)
+    want, want_cu = pixel_shuffle_project_reference(*f64(px, pw, pb), grids=g, factor=2, num_prefix_tokens=1,
+                                                    cu_seqlens=cu)
+    assert_close(y, want, torch.float32)
+    assert out_cu.tolist() == want_cu.tolist()
+
+
+def test_nan_in_a_patch_reaches_only_its_output_row(kernel_backend):
+    x, w, b = batched_inputs(1, (4, 6), 5, 8, 12, 2, seed=11)
+    x[0, 5 + 0] = float("nan")  # patch (0, 0): output row 0 only
+    x[0, 0] = float("inf")  # a prefix token: dropped
+    y = dinofast.pixel_shuffle_project(x, w, b, grids=(4, 6), factor=2, num_prefix_tokens=5)
+    want = pixel_shuffle_project_reference(*f64(x, w, b), grids=(4, 6), factor=2, num_prefix_tokens=5)
+    assert_nan_like(y, want)
+    assert y[0, 0].isnan().all() and not y[0, 1:].isnan().any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +443,8 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
-def test_bad_input_raises_value_error(backend_name, case):
+def test_bad_input_raises_value_error(case):
+    """Raised before dispatch: once, not once per backend."""
     pattern, call = _bad_cases()[case]
     with pytest.raises(ValueError, match=pattern):
         call()
@@ -403,6 +474,14 @@ def test_cpp_checks_its_inputs():
     with pytest.raises(RuntimeError, match="grad_x"):
         torch.ops.dinofast_C.pixel_shuffle_project_backward(y, x, w, torch.empty(1, 28, 8), None, None, None, None,
                                                             None, 4, 6, 2, 5)
+    # sizes that wrap around int64 must not pass the size checks (this one used to segfault)
+    with pytest.raises(RuntimeError, match=r"Hp\*Wp: 4 \* 4611686018427387906 overflows int64"):
+        torch.ops.dinofast_C.pixel_shuffle_project_backward(y, x, w, None, torch.empty_like(w), None, None, None,
+                                                            None, 4, 2**62 + 2, 2, 5)
+    with pytest.raises(RuntimeError, match=r"factor\*factor: .* overflows int64"):
+        op(x, w, None, y, None, None, None, 2**32, 2**32, 2**32, 5)
+    with pytest.raises(RuntimeError, match=r"N: expected num_prefix_tokens \+ Hp\*Wp = 4611686018427387909"):
+        op(x, torch.randn(12, 8), None, y, None, None, None, 2**31, 2**31, 1, 5)
 
 
 # ---------------------------------------------------------------------------------------------

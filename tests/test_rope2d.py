@@ -1,13 +1,11 @@
-"""rope2d: every backend against the reference; the reference against transformers."""
-import math
-
+"""rope2d: every kernel backend against the reference; the reference against transformers."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import dinofast
 from dinofast.reference.rope2d import inv_freq, rope2d_reference
-from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn, with_debug_checks
+from tests.conftest import DEVICE, assert_close, assert_nan_like, make_cu_seqlens, randn, with_debug_checks
 
 GRIDS = [(4, 4), (3, 7), (1, 6), (6, 1), (1, 1)]
 
@@ -35,7 +33,7 @@ def packed_inputs(grids, P, H, D, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("P", [0, 1, 5])
-def test_batched_fp32(backend_name, D, layout, P):
+def test_batched_fp32(kernel_backend, D, layout, P):
     q, k = batched_inputs(2, 3, (5, 3), P, D, layout=layout)
     out_q, out_k = dinofast.rope2d(q, k, (5, 3), num_prefix_tokens=P)
     ref_q, ref_k = rope2d_reference(q, k, (5, 3), num_prefix_tokens=P)
@@ -47,7 +45,7 @@ def test_batched_fp32(backend_name, D, layout, P):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 128])
-def test_low_precision_against_fp64(backend_name, dtype, D):
+def test_low_precision_against_fp64(kernel_backend, dtype, D):
     q, k = batched_inputs(2, 2, (4, 6), 5, D, dtype=dtype, layout="bnhd")
     out_q, out_k = dinofast.rope2d(q, k, (4, 6), num_prefix_tokens=5)
     ref_q, ref_k = rope2d_reference(q.double(), k.double(), (4, 6), num_prefix_tokens=5)
@@ -57,7 +55,7 @@ def test_low_precision_against_fp64(backend_name, dtype, D):
 
 
 @pytest.mark.parametrize("D", [64, 80])
-def test_packed_equals_per_image_batched(backend_name, D):
+def test_packed_equals_per_image_batched(kernel_backend, D):
     grids, P = [(3, 4), (1, 7), (5, 1), (2, 2)], 5
     q, k, cu, g = packed_inputs(grids, P, 3, D)
     out_q, out_k = dinofast.rope2d(q, k, g, num_prefix_tokens=P, cu_seqlens=cu)
@@ -72,7 +70,7 @@ def test_packed_equals_per_image_batched(backend_name, D):
         assert_close(out_k[s:e], one_k[0].transpose(0, 1))
 
 
-def test_inplace_equals_out_of_place(backend_name):
+def test_inplace_equals_out_of_place(kernel_backend):
     q, k, cu, g = packed_inputs([(3, 5), (2, 2)], 1, 2, 64)
     ref_q, ref_k = rope2d_reference(q, k, g, num_prefix_tokens=1, cu_seqlens=cu)
     q2, k2 = q.clone(), k.clone()
@@ -82,7 +80,7 @@ def test_inplace_equals_out_of_place(backend_name):
     assert_close(k2, ref_k)
 
 
-def test_periods_override_theta(backend_name):
+def test_periods_override_theta(kernel_backend):
     D = 64
     q, k = batched_inputs(1, 2, (4, 5), 5, D)
     # bf16-rounded periods, as the original release stores them: they must be used as given
@@ -94,7 +92,7 @@ def test_periods_override_theta(backend_name):
     assert (ref_q - theta_q).abs().max() > 1e-4, "bf16 periods must differ from theta's"
 
 
-def test_coord_transform(backend_name):
+def test_coord_transform(kernel_backend):
     q, k, cu, g = packed_inputs([(3, 5), (4, 2), (1, 1)], 5, 2, 64)
     gen = torch.Generator().manual_seed(3)
     t = dinofast.sample_coord_transform(3, shift=0.2, jitter=1.3, rescale=2.0, generator=gen).to(DEVICE)
@@ -110,7 +108,7 @@ def test_coord_transform(backend_name):
     B=st.integers(1, 2), H=st.integers(1, 3), Hp=st.integers(1, 6), Wp=st.integers(1, 6),
     P=st.integers(0, 5), D=st.sampled_from([4, 12, 64, 80, 96, 128, 256]), layout=st.sampled_from(["bhnd", "bnhd"]),
 )
-def test_hypothesis_shapes(backend_name, B, H, Hp, Wp, P, D, layout):
+def test_hypothesis_shapes(kernel_backend, B, H, Hp, Wp, P, D, layout):
     q, k = batched_inputs(B, H, (Hp, Wp), P, D, layout=layout, seed=Hp * 7 + Wp)
     out_q, out_k = dinofast.rope2d(q, k, (Hp, Wp), num_prefix_tokens=P)
     ref_q, ref_k = rope2d_reference(q, k, (Hp, Wp), num_prefix_tokens=P)
@@ -131,7 +129,7 @@ def test_gradcheck_reference():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_gradients_equal_reference(backend_name, packed):
+def test_gradients_equal_reference(kernel_backend, packed):
     if packed:
         q, k, cu, g = packed_inputs([(3, 4), (2, 1)], 5, 2, 64)
         kw = dict(num_prefix_tokens=5, cu_seqlens=cu)
@@ -147,7 +145,7 @@ def test_gradients_equal_reference(backend_name, packed):
         torch.autograd.backward((oq, ok), (dq_out, dk_out))
         return a.grad, b.grad
 
-    got, want = grads(backend_name), grads("reference")
+    got, want = grads(kernel_backend), grads("reference")
     assert_close(got[0], want[0])
     assert_close(got[1], want[1])
     # the adjoint of a rotation is its inverse: grad = rotate(-angle) of the incoming grad
@@ -160,6 +158,153 @@ def test_inplace_rejects_autograd():
     q.requires_grad_(True)
     with pytest.raises(ValueError, match="rope2d_"):
         dinofast.rope2d_(q, k, (2, 2), num_prefix_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# head groups, many images, low-precision strided views, NaN/Inf, aliasing, metadata layouts
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("H", [6, 12])  # the Triton kernel handles 4 heads per program: 2 and 3 groups
+@pytest.mark.parametrize("packed", [False, True])
+def test_many_heads(kernel_backend, H, packed):
+    if packed:
+        q, k, cu, g = packed_inputs([(2, 3), (1, 2)], 5, H, 16, seed=4)
+        out_q, out_k = dinofast.rope2d(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+        ref_q, ref_k = rope2d_reference(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+    else:
+        q, k = batched_inputs(2, H, (2, 3), 1, 16, layout="bnhd", seed=4)
+        out_q, out_k = dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=1)
+        ref_q, ref_k = rope2d_reference(q, k, (2, 3), num_prefix_tokens=1)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+
+
+def test_ten_packed_images(kernel_backend):
+    grids = [(1 + i % 3, 1 + (2 * i) % 5) for i in range(10)]
+    q, k, cu, g = packed_inputs(grids, 5, 2, 16, seed=5)
+    out_q, out_k = dinofast.rope2d(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+    ref_q, ref_k = rope2d_reference(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_views_of_a_qkv_buffer(kernel_backend, dtype):
+    """q, k as strided views of one [T, 3, H, D] projection (T and H strides not the packed ones)."""
+    grids = [(3, 2), (1, 4)]
+    _, _, cu, g = packed_inputs(grids, 1, 2, 64)
+    qkv = randn(int(cu[-1]), 3, 2, 64, dtype=dtype, seed=6)
+    q, k = qkv[:, 0], qkv[:, 1]
+    assert not q.is_contiguous()
+    out_q, out_k = dinofast.rope2d(q, k, g, num_prefix_tokens=1, cu_seqlens=cu)
+    ref_q, ref_k = rope2d_reference(q.double(), k.double(), g, num_prefix_tokens=1, cu_seqlens=cu)
+    assert_close(out_q, ref_q, dtype)
+    assert_close(out_k, ref_k, dtype)
+    q2 = q.clone()
+    dinofast.rope2d_(q, k, g, num_prefix_tokens=1, cu_seqlens=cu)  # in place: interleaved views are fine
+    assert torch.equal(q, out_q) and torch.equal(k, out_k)
+    assert not torch.equal(q, q2)
+
+
+def _xfail_triton_prefix(request, backend):
+    if backend == "triton":  # strict: the test runs, and passing would be reported as an error
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "kernels/rope2d.py multiplies prefix tokens by cos=1/sin=0 (Inf -> NaN); "
+            "it must store them unchanged (load and store, no arithmetic)")))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_prefix_tokens_are_copied_bit_exactly(request, kernel_backend, packed):
+    """An Inf or NaN in a CLS/register token must come out as it went in (not Inf*1 - x*0 = NaN)."""
+    _xfail_triton_prefix(request, kernel_backend)
+    if packed:
+        q, k, cu, g = packed_inputs([(2, 2), (1, 3)], 5, 2, 16, seed=7)
+        q[cu[1] + 2, 1, 0], k[3, 0, 9] = float("inf"), float("nan")
+        out_q, out_k = dinofast.rope2d(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+        ref_q, ref_k = rope2d_reference(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+        prefix = torch.cat([torch.arange(int(cu[i]), int(cu[i]) + 5) for i in range(2)])
+        assert torch.equal(out_q[prefix], q[prefix]) and torch.equal(out_k[prefix].isnan(), k[prefix].isnan())
+    else:
+        q, k = batched_inputs(2, 2, (2, 3), 5, 16, seed=7)
+        q[1, 0, 2, 0], k[0, 1, 4, 3] = float("-inf"), float("nan")
+        out_q, out_k = dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5)
+        ref_q, ref_k = rope2d_reference(q, k, (2, 3), num_prefix_tokens=5)
+        assert torch.equal(out_q[:, :, :5], q[:, :, :5]) and torch.equal(out_k[:, :, :5].isnan(), k[:, :, :5].isnan())
+    assert torch.equal(out_q.isnan(), ref_q.isnan()) and torch.equal(out_k.isnan(), ref_k.isnan())
+    assert torch.equal(out_q.isinf(), ref_q.isinf())
+
+
+def test_reference_copies_prefix_tokens_bit_exactly():
+    q, k = batched_inputs(1, 2, (2, 2), 3, 8, seed=8)
+    q[0, 1, 1, 0] = float("inf")
+    out_q, _ = rope2d_reference(q, k, (2, 2), num_prefix_tokens=3)
+    assert torch.equal(out_q[:, :, :3], q[:, :, :3])
+
+
+def test_nan_patch_token_stays_in_its_row(kernel_backend):
+    q, k = batched_inputs(1, 2, (2, 3), 1, 16, seed=9)
+    q[0, 0, 3, 5] = float("nan")
+    out_q, _ = dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=1)
+    ref_q, _ = rope2d_reference(q, k, (2, 3), num_prefix_tokens=1)
+    assert_nan_like(out_q, ref_q)
+    assert out_q[0, 0, 3].isnan().any() and not out_q[0, 1].isnan().any()
+
+
+def _aliasing_cases():
+    base = torch.randn(1, 2, 11, 8)
+    buf = torch.randn(2 * 11 * 8 + 8)
+    return {
+        "same tensor": lambda: (base, base),
+        "overlapping views": lambda: (buf[:176].view(1, 2, 11, 8), buf[8:184].view(1, 2, 11, 8)),
+        "expanded heads": lambda: (torch.randn(1, 1, 11, 8).expand(1, 2, 11, 8), torch.randn(1, 2, 11, 8)),
+        "as_strided rows overlap": lambda: (buf.as_strided((1, 2, 11, 8), (176, 88, 4, 1)), torch.randn(1, 2, 11, 8)),
+        "k overlaps itself": lambda: (torch.randn(1, 2, 11, 8), buf.as_strided((1, 2, 11, 8), (0, 8, 8, 1))),
+    }
+
+
+@pytest.mark.parametrize("case", list(_aliasing_cases()))
+def test_inplace_refuses_aliasing(case):
+    q, k = _aliasing_cases()[case]()
+    before = (q.clone(), k.clone())
+    with pytest.raises(ValueError, match=r"(q|k).*expected (tensors that share no memory|a tensor whose elements are "
+                                         r"distinct memory locations)"):
+        dinofast.rope2d_(q, k, (2, 3), num_prefix_tokens=5)
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1]), "nothing may be written before the check"
+
+
+def test_out_of_place_accepts_aliased_inputs(kernel_backend):
+    """rope2d writes new tensors: q and k may be the same tensor or expanded views."""
+    q = torch.randn(1, 1, 11, 8, device=DEVICE).expand(1, 2, 11, 8)
+    out_q, out_k = dinofast.rope2d(q, q, (2, 3), num_prefix_tokens=5)
+    ref_q, _ = rope2d_reference(q.contiguous(), q.contiguous(), (2, 3), num_prefix_tokens=5)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_q)
+
+
+def test_non_contiguous_metadata_and_size_one_strides(kernel_backend):
+    q, k, cu, g = packed_inputs([(2, 3), (1, 2)], 1, 2, 16, seed=10)
+    cu_view = torch.stack([cu, cu], 1)[:, 0]  # stride 2
+    g_view = torch.stack([g[:, 0], g[:, 0], g[:, 1]], 1)[:, ::2]  # strides (3, 2)
+    assert not cu_view.is_contiguous() and not g_view.is_contiguous()
+    out_q, _ = dinofast.rope2d(q, k, g_view, num_prefix_tokens=1, cu_seqlens=cu_view)
+    assert_close(out_q, rope2d_reference(q, k, g, num_prefix_tokens=1, cu_seqlens=cu)[0])
+    # a size-1 head axis with an arbitrary stride
+    qb, kb = batched_inputs(2, 1, (2, 3), 1, 16, seed=11)
+    q1 = qb.as_strided(qb.shape, (qb.stride(0), 12345, qb.stride(2), 1))
+    out_q1, _ = dinofast.rope2d(q1, kb, (2, 3), num_prefix_tokens=1)
+    assert_close(out_q1, rope2d_reference(qb, kb, (2, 3), num_prefix_tokens=1)[0])
+
+
+def test_reference_packed_equals_per_image_batched():
+    """The reference's packed path against its batched path (checked against transformers below)."""
+    grids = [(3, 4), (1, 7), (5, 1)]
+    q, k, cu, g = packed_inputs(grids, 5, 2, 16, seed=12)
+    out_q, out_k = rope2d_reference(q, k, g, num_prefix_tokens=5, cu_seqlens=cu)
+    for i, grid in enumerate(grids):
+        s, e = int(cu[i]), int(cu[i + 1])
+        one_q, one_k = rope2d_reference(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], grid,
+                                        num_prefix_tokens=5)
+        assert torch.equal(out_q[s:e], one_q[0].transpose(0, 1))
+        assert torch.equal(out_k[s:e], one_k[0].transpose(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +355,7 @@ def test_inv_freq_matches_periods():
 # ---------------------------------------------------------------------------------------------
 # module and torch.compile
 # ---------------------------------------------------------------------------------------------
-def test_module(backend_name):
+def test_module(kernel_backend):
     m = dinofast.nn.RoPE2D(64, num_prefix_tokens=5)
     q, k = batched_inputs(1, 2, (2, 3), 5, 64)
     out_q, _ = m(q, k, (2, 3))
@@ -264,6 +409,19 @@ def _bad_cases():
         ("theta", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, theta=float("inf"))),
         ("grids", lambda: dinofast.rope2d(q, k, (2, 3, 1), num_prefix_tokens=5)),
         ("periods", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, periods=torch.ones(8))),
+        ("periods", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5,
+                                            periods=torch.tensor([1.0] * 15 + [0.0]))),
+        ("periods", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5,
+                                            periods=torch.tensor([float("nan")] + [1.0] * 15))),
+        ("periods", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=5, periods=-torch.ones(16))),
+        ("head_dim", lambda: dinofast.nn.RoPE2D("8")),
+        ("head_dim", lambda: dinofast.nn.RoPE2D(6)),
+        ("jitter", lambda: dinofast.nn.RoPE2D(64, jitter=-1)),
+        ("jitter", lambda: dinofast.nn.RoPE2D(64, jitter=0.5)),
+        ("rescale", lambda: dinofast.nn.RoPE2D(64, rescale=float("nan"))),
+        ("shift", lambda: dinofast.nn.RoPE2D(64, shift=-0.1)),
+        ("num_prefix_tokens", lambda: dinofast.nn.RoPE2D(64, num_prefix_tokens=-1)),
+        ("jitter", lambda: dinofast.sample_coord_transform(1, jitter=-1)),
         ("num_prefix_tokens", lambda: dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=-1)),
         ("cu_seqlens", lambda: dinofast.rope2d(pq, pk, g, num_prefix_tokens=5, cu_seqlens=cu.long())),
         # bad values in device metadata: read back only under the debug switch
@@ -282,7 +440,8 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
-def test_bad_input_raises_value_error(backend_name, case):
+def test_bad_input_raises_value_error(case):
+    """Raised before dispatch: once, not once per backend."""
     arg, call = _bad_cases()[case]
     with pytest.raises(ValueError, match=arg):
         call()
@@ -307,6 +466,11 @@ def test_cpp_checks_its_inputs():
     with pytest.raises(RuntimeError, match="grids"):
         op(q, q, q.clone(), q.clone(), freqs, torch.tensor([0, 3, 7], dtype=torch.int32),
            torch.tensor([[1, 0], [1, 1]], dtype=torch.int32), 0, 0, None, 2, False)
+    with pytest.raises(RuntimeError, match="Hp\\*Wp: 4 \\* 4611686018427387906 overflows int64"):
+        op(q, q, q.clone(), q.clone(), freqs, None, None, 4, 2**62 + 2, None, 5, False)
+    with pytest.raises(RuntimeError, match="segment 0 expected num_prefix_tokens"):  # 3 != 2 + 1*2
+        op(q, q, q.clone(), q.clone(), freqs, torch.tensor([0, 3, 7], dtype=torch.int32),
+           torch.tensor([[1, 2], [1, 2]], dtype=torch.int32), 0, 0, None, 2, False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 
 from dinofast._layout import PackedLayout
-from dinofast._validate import check_nonneg_int, check_tensor, fail, FLOAT_DTYPES
+from dinofast._validate import FLOAT_DTYPES, check_nonneg_int, check_positive_int, check_tensor, fail
 
 
 @dataclass
@@ -122,8 +122,7 @@ class TokenBudgetSampler:
         bad = [(i, c) for i, c in enumerate(counts) if c <= 0 or c != token_counts[i]]
         if bad:
             fail("token_counts", "positive ints", f"token_counts[{bad[0][0]}] = {token_counts[bad[0][0]]!r}")
-        if not isinstance(max_tokens_per_batch, int) or isinstance(max_tokens_per_batch, bool) or max_tokens_per_batch <= 0:
-            fail("max_tokens_per_batch", "a positive int", max_tokens_per_batch)
+        check_positive_int(max_tokens_per_batch, "max_tokens_per_batch")
         if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size <= 0:
             fail("world_size", "a positive int", world_size)
         if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:

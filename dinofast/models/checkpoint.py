@@ -1,6 +1,6 @@
 """DINOv3 checkpoints -> a patched transformers DINOv3ViTModel, strictly; original -> transformers conversion.
 
-Two layouts are read (see shared/dinov3-reference.md and the README):
+Two layouts are read (see the README):
   transformers  a directory: config.json + model.safetensors (or sharded with an index, or
                 pytorch_model.bin); keys `embeddings.*`, `model.layer.i.*` (`layer.i.*` from 4.x), `norm.*`.
   original      one .safetensors or .pth file as the DINOv3 release writes it (fused qkv with a K-bias
@@ -8,8 +8,12 @@ Two layouts are read (see shared/dinov3-reference.md and the README):
                 tensor shapes and the variants table.
 Rules: every tensor read is used and every parameter is filled, else CheckpointError lists the missing
 and unexpected keys (a partly random model is never returned); the K bias must be masked; a NaN
-bias_mask is repaired with a warning; a NaN/Inf weight raises; .pth files are read with
-torch.load(weights_only=True) only.
+bias_mask is repaired with a warning; a NaN/Inf weight, or one that a dtype cast would turn into Inf,
+raises; only float32/float16/bfloat16/float64 tensors load; .pth files are read with
+torch.load(weights_only=True) only. Hostile files are refused fast: the work and the size of every
+message are bounded by the number of tensors in the file (never by an index named in a key or a
+config field), a tensor named twice (two spellings, or two shards) is refused, and a shard index
+can name files inside the model directory only.
 
 Original -> transformers mapping (C = hidden size; qkv rows are [q | k | v], C each):
   cls_token [1,1,C]                -> embeddings.cls_token
@@ -40,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-# Variants table (shared/dinov3-reference.md): hidden size -> number of heads (head dim 64; 7B: 128).
+# Released variants: hidden size -> number of heads (head dim 64; 7B: 128).
 VARIANT_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
 # Released settings that the tensors cannot tell.
 RELEASE_CONFIG = dict(layer_norm_eps=1e-5, rope_theta=100.0, pos_embed_rescale=2.0, layerscale_value=1.0)
@@ -48,6 +52,10 @@ RELEASE_CONFIG = dict(layer_norm_eps=1e-5, rope_theta=100.0, pos_embed_rescale=2
 PERIODS_CONFIG_KEY = "dinofast_rope_periods"
 # Original-layout tensors that exist only for training: read, dropped, reported.
 TRAINING_ONLY = re.compile(r"^local_cls_norm\.")
+# Tensor dtypes a DINOv3 checkpoint may hold (int/bool/complex/float8 weights are refused at load).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Keys named in one message, and characters of one key: a hostile key set must not make a huge error.
+MAX_KEYS_SHOWN, MAX_KEY_CHARS = 20, 120
 
 
 class CheckpointError(ValueError):
@@ -58,13 +66,47 @@ def _fail(path, what: str):
     raise CheckpointError(f"load_dinov3({str(path)!r}): {what}")
 
 
+def _short(key: str) -> str:
+    return key if len(key) <= MAX_KEY_CHARS else key[:MAX_KEY_CHARS] + "..."
+
+
+def _keys(keys) -> str:
+    """Sorted keys, at most MAX_KEYS_SHOWN of them, each at most MAX_KEY_CHARS long."""
+    keys = sorted(keys)
+    shown = [_short(k) for k in keys[:MAX_KEYS_SHOWN]]
+    return f"{shown}" + (f" and {len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else "")
+
+
 def _key_report(missing, unexpected) -> str:
     parts = []
     if missing:
-        parts.append(f"missing keys ({len(missing)}): {sorted(missing)}")
+        parts.append(f"missing keys ({len(missing)}): {_keys(missing)}")
     if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {sorted(unexpected)}")
+        parts.append(f"unexpected keys ({len(unexpected)}): {_keys(unexpected)}")
     return "; ".join(parts)
+
+
+def _check_dtypes(path, sd: Dict[str, Tensor]) -> None:
+    """Every tensor a real floating dtype: an int/bool/complex/float8 weight would load and then fail
+    (or silently compute garbage) at the first forward."""
+    bad = {k: t.dtype for k, t in sd.items() if t.dtype not in WEIGHT_DTYPES}
+    if bad:
+        shown = {_short(k): str(bad[k]) for k in sorted(bad)[:MAX_KEYS_SHOWN]}
+        _fail(path, f"expected float32/float16/bfloat16/float64 tensors, got {len(bad)} of other dtypes: {shown}")
+
+
+def _layer_indices(path, keys, pattern: str, config_field: str) -> int:
+    """The number of layers named by `keys` matching pattern (one group: the index), which must be
+    exactly 0..n-1. Bounded by the number of keys, whatever index a key names."""
+    found = {m.group(1) for k in keys for m in [re.match(pattern, k)] if m}
+    indices = sorted(int(i) for i in found if len(i) <= 18)  # longer digit strings cannot be a layer
+    n = len(found)
+    if len(indices) != n or (indices and indices[-1] != n - 1):
+        wrong = sorted(found - {str(i) for i in range(n)}, key=lambda i: (len(i), i))
+        _fail(path, f"{config_field}: expected layer indices 0..{n - 1} for the {n} layers in the file, got "
+              f"indices {[_short(i) for i in wrong[:MAX_KEYS_SHOWN]]}"
+              + (" ..." if len(wrong) > MAX_KEYS_SHOWN else ""))
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,28 +128,76 @@ def read_tensors(path) -> Dict[str, Tensor]:
         _fail(path, f"could not read the file (truncated or corrupt?): {type(err).__name__}: {err}")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         _fail(path, f"expected a flat state dict {{name: tensor}}, got {type(sd).__name__}"
-              + (f" with keys {list(sd)[:8]}" if isinstance(sd, dict) else ""))
+              + (f" with keys {[_short(str(k)) for k in list(sd)[:8]]}" if isinstance(sd, dict) else ""))
+    _check_dtypes(path, sd)
     return sd
+
+
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from `path`, or CheckpointError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        _fail(path, f"{what}: expected a JSON object, could not read it: {type(err).__name__}: {str(err)[:200]}")
+    if not isinstance(data, dict):
+        _fail(path, f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _shard_files(path: str, index: str) -> List[Tuple[str, List[str]]]:
+    """[(shard file, keys the index assigns to it)] from model.safetensors.index.json; every shard a
+    file inside the model directory (no `..`, no absolute path, no symlink out)."""
+    weight_map = _read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        _fail(index, f"weight_map: expected a non-empty object {{tensor name: shard file}}, got "
+              f"{type(weight_map).__name__}")
+    root = os.path.realpath(path)
+    by_shard: Dict[str, List[str]] = {}
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+            _fail(index, f"weight_map[{_short(key)!r}]: expected a .safetensors file name, got {_short(repr(shard))}")
+        by_shard.setdefault(shard, []).append(key)
+    out = []
+    for shard, keys in sorted(by_shard.items()):
+        full = os.path.realpath(os.path.join(root, shard))
+        if os.path.isabs(shard) or not full.startswith(root + os.sep):
+            _fail(index, f"weight_map: expected shard files inside the model directory, got {_short(shard)!r}")
+        out.append((full, keys))
+    return out
 
 
 def _read_transformers_dir(path: str) -> Tuple[Dict[str, Tensor], Callable[[str], str]]:
     """(state dict keyed as the 5.x modules name them, display: model key -> key as the file spells it)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
+        shards = _shard_files(path, index)
     else:
-        files = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")
-                 if os.path.isfile(os.path.join(path, n))][:1]
-    if not files:
+        shards = [(os.path.join(path, n), None) for n in ("model.safetensors", "pytorch_model.bin")
+                  if os.path.isfile(os.path.join(path, n))][:1]
+    if not shards:
         _fail(path, "expected model.safetensors, model.safetensors.index.json or pytorch_model.bin in the directory")
-    sd = {}
-    for f in files:
-        sd.update(read_tensors(f))
+    sd: Dict[str, Tensor] = {}
+    held = []
+    for f, listed in shards:
+        part = read_tensors(f)
+        twice = [k for k in part if k in sd]
+        if twice:  # a silent update() would keep whichever shard came last
+            _fail(path, f"tensors stored in more than one shard ({len(twice)}): {_keys(twice)}")
+        sd.update(part)
+        held.append((f, listed, set(part)))
+    for f, listed, keys in held:
+        if listed is not None and set(listed) != keys:
+            _fail(f, "the shard does not hold the tensors model.safetensors.index.json assigns to it: "
+                  + _key_report(set(listed) - keys, keys - set(listed)))
     # save_pretrained writes the encoder layers as `layer.i.*` (the hub layout); the 5.x module
-    # path is `model.layer.i.*`. Both are accepted; messages use the file's spelling.
+    # path is `model.layer.i.*`. Either is accepted, not both: a file with both would load one and
+    # silently drop the other.
     hub = any(k.startswith("layer.") for k in sd)
+    if hub and any(k.startswith("model.layer.") for k in sd):
+        both = [k for k in sd if k.startswith("layer.")][:MAX_KEYS_SHOWN]
+        _fail(path, "expected encoder layers spelt either `layer.i.*` or `model.layer.i.*`, got both "
+              f"(e.g. {_keys(both)})")
     sd = {("model." + k if k.startswith("layer.") else k): v for k, v in sd.items()}
     return sd, (lambda k: k[len("model."):] if hub and k.startswith("model.layer.") else k)
 
@@ -147,14 +237,19 @@ def original_to_transformers(sd: Dict[str, Tensor], path="<state dict>"
         if key not in sd:
             _fail(path, f"not a DINOv3 checkpoint in the original layout: {_key_report([key], [])} "
                   f"(found {len(sd)} keys such as {sorted(sd)[:6]})")
-    C = sd["cls_token"].shape[-1]
+    cls_shape = tuple(sd["cls_token"].shape)
+    if len(cls_shape) != 3 or cls_shape[:2] != (1, 1) or cls_shape[2] == 0:
+        _fail(path, f"cls_token: expected shape [1, 1, C], got {list(cls_shape)}")
+    C = cls_shape[2]
     patch_w = sd["patch_embed.proj.weight"]
     if patch_w.dim() != 4 or patch_w.shape[0] != C or patch_w.shape[2] != patch_w.shape[3]:
         _fail(path, f"patch_embed.proj.weight: expected [C={C}, channels, p, p], got {list(patch_w.shape)}")
-    depth = 1 + max((int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m), default=-1)
+    depth = _layer_indices(path, sd, r"blocks\.(\d+)\.", "blocks")
     if depth == 0:
         _fail(path, _key_report(["blocks.0.*"], []))
     periods = take("rope_embed.periods", required=False)
+    if periods is not None and periods.dim() != 1:
+        _fail(path, f"rope_embed.periods: expected a 1-D [head_dim/4] tensor, got shape {list(periods.shape)}")
     if periods is not None:
         head_dim = 4 * periods.numel()
     elif C in VARIANT_HEADS:
@@ -169,7 +264,14 @@ def original_to_transformers(sd: Dict[str, Tensor], path="<state dict>"
         (("fc1", "up_proj"), ("fc2", "down_proj"))
     hidden_name = "w1" if gated else "fc1"
     hidden = sd.get(f"blocks.0.mlp.{hidden_name}.weight")
+    if hidden is not None and hidden.dim() != 2:
+        _fail(path, f"blocks.0.mlp.{hidden_name}.weight: expected a 2-D [hidden, {C}] weight, got shape "
+              f"{list(hidden.shape)}")
     storage = take("storage_tokens", required=False)
+    if storage is not None and (storage.dim() != 3 or storage.shape[0] != 1 or storage.shape[2] != C):
+        _fail(path, f"storage_tokens: expected shape [1, R, {C}], got {list(storage.shape)}")
+    if "mask_token" in sd and sd["mask_token"].numel() != C:
+        _fail(path, f"mask_token: expected shape [1, {C}], got {list(sd['mask_token'].shape)}")
     config = dict(
         RELEASE_CONFIG,
         hidden_size=C, num_hidden_layers=depth, num_attention_heads=C // head_dim,
@@ -242,7 +344,8 @@ def original_to_transformers(sd: Dict[str, Tensor], path="<state dict>"
     if missing or unexpected:
         _fail(path, "the original-layout checkpoint does not match a DINOv3 model: " + _key_report(missing, unexpected))
     names.update({"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
-                  "embeddings.mask_token": "mask_token", "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+                  "embeddings.mask_token": "mask_token",
+                  "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
                   "embeddings.patch_embeddings.bias": "patch_embed.proj.bias"})
     return config, out, periods, names
 
@@ -251,9 +354,9 @@ def original_to_transformers(sd: Dict[str, Tensor], path="<state dict>"
 # Building the model
 # ---------------------------------------------------------------------------------------------
 def _check_finite(path, sd: Dict[str, Tensor], display) -> None:
-    bad = [display(k) for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [display(k) for k, t in sd.items() if not torch.isfinite(t).all()]
     if bad:
-        _fail(path, f"NaN or Inf in {sorted(bad)}: refusing to build a model that outputs garbage")
+        _fail(path, f"NaN or Inf in {_keys(bad)}: refusing to build a model that outputs garbage")
 
 
 def _build(path, config, sd: Dict[str, Tensor], periods: Optional[Tensor], dtype, device, display):
@@ -267,15 +370,19 @@ def _build(path, config, sd: Dict[str, Tensor], periods: Optional[Tensor], dtype
     missing = [display(k) for k in expected if k not in sd]
     unexpected = [display(k) for k in sd if k not in expected]
     if missing or unexpected:
-        _fail(path, "the checkpoint does not match the DINOv3ViTModel of its config: " + _key_report(missing, unexpected))
+        _fail(path, "the checkpoint does not match the DINOv3ViTModel of its config: "
+              + _key_report(missing, unexpected))
     for k, t in expected.items():
         if sd[k].shape != t.shape:
             _fail(path, f"{display(k)}: expected shape {list(t.shape)}, got {list(sd[k].shape)}")
     if dtype is None:
         dtype = sd["embeddings.patch_embeddings.weight"].dtype
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
-    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    # every weight was finite before the cast: a non-finite one now is a value the dtype cannot hold
+    overflow = [display(k) for k, t in sd.items() if not torch.isfinite(t).all()]
+    if overflow:
+        _fail(path, f"dtype={dtype}: the values of {_keys(overflow)} overflow it (|w| > "
+              f"{torch.finfo(dtype).max:.4g}); load with a wider dtype")
     model.load_state_dict(sd, strict=True, assign=True)
     head_dim = config.hidden_size // config.num_attention_heads
     if periods is not None:
@@ -294,11 +401,65 @@ def _read_periods(path, config, use_stored_periods: bool) -> Optional[Tensor]:
     stored = getattr(config, PERIODS_CONFIG_KEY, None)
     if stored is None or not use_stored_periods:
         return None
-    periods = torch.tensor(stored, dtype=torch.float32)
     head_dim = config.hidden_size // config.num_attention_heads
+    expected = f"a list of {head_dim // 4} finite positive periods"
+    if not isinstance(stored, list) or not all(_is_number(v) for v in stored):
+        _fail(os.path.join(path, "config.json"), f"{PERIODS_CONFIG_KEY}: expected {expected}, got "
+              f"{_short(repr(stored))}")
+    periods = torch.tensor(stored, dtype=torch.float32)
     if periods.shape != (head_dim // 4,) or not torch.isfinite(periods).all() or (periods <= 0).any():
-        _fail(path, f"config.{PERIODS_CONFIG_KEY}: expected {head_dim // 4} finite positive periods, got {stored}")
+        _fail(os.path.join(path, "config.json"), f"{PERIODS_CONFIG_KEY}: expected {expected}, got "
+              f"{_short(repr(stored))}")
     return periods
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# config.json fields the model is built from: (check, what is expected). Absent fields take
+# transformers' defaults; present ones must have the right type before anything is built from them.
+CONFIG_FIELDS = {
+    "hidden_size": (lambda v: _is_count(v) and v > 0, "a positive int"),
+    "num_hidden_layers": (lambda v: _is_count(v) and v > 0, "a positive int"),
+    "num_attention_heads": (lambda v: _is_count(v) and v > 0, "a positive int"),
+    "intermediate_size": (lambda v: _is_count(v) and v > 0, "a positive int"),
+    "num_channels": (lambda v: _is_count(v) and v > 0, "a positive int"),
+    "num_register_tokens": (lambda v: _is_count(v) and v >= 0, "a non-negative int"),
+    "patch_size": (lambda v: _is_count(v) and v > 0, "a positive int"),
+    "layer_norm_eps": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a finite positive number"),
+    "rope_theta": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a finite positive number"),
+    "layerscale_value": (lambda v: _is_number(v) and math.isfinite(v), "a finite number"),
+    "hidden_act": (lambda v: isinstance(v, str), "a string"),
+    **{name: (lambda v: isinstance(v, bool), "true or false")
+       for name in ("use_gated_mlp", "query_bias", "key_bias", "value_bias", "proj_bias", "mlp_bias")},
+}
+
+
+def _read_config(path: str):
+    """DINOv3ViTConfig of a transformers directory, every field the model is built from checked."""
+    from transformers import DINOv3ViTConfig
+
+    file = os.path.join(path, "config.json")
+    raw = _read_json(file, "config")
+    for name, (ok, expected) in CONFIG_FIELDS.items():
+        if name in raw and not ok(raw[name]):
+            _fail(file, f"{name}: expected {expected}, got {_short(repr(raw[name]))}")
+    try:
+        config = DINOv3ViTConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises many types for a config it cannot take
+        _fail(file, f"not a DINOv3ViTConfig: {type(err).__name__}: {str(err)[:200]}")
+    for name, (ok, expected) in CONFIG_FIELDS.items():
+        if not ok(getattr(config, name, None)):
+            _fail(file, f"{name}: expected {expected}, got {_short(repr(getattr(config, name, None)))}")
+    if config.hidden_size % config.num_attention_heads or (config.hidden_size // config.num_attention_heads) % 4:
+        _fail(file, f"num_attention_heads: expected a divisor of hidden_size {config.hidden_size} leaving a head "
+              f"dim that is a multiple of 4, got {config.num_attention_heads}")
+    return config
 
 
 def load_unpatched(path, *, dtype=None, device=None, use_stored_periods: bool = True):
@@ -306,12 +467,19 @@ def load_unpatched(path, *, dtype=None, device=None, use_stored_periods: bool = 
     from transformers import DINOv3ViTConfig
 
     path = os.fspath(path)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in WEIGHT_DTYPES):
+        raise ValueError(f"dtype: expected None or one of {', '.join(map(str, WEIGHT_DTYPES))}, got {dtype!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             _fail(path, "a directory must be a transformers model directory with config.json")
-        config = DINOv3ViTConfig.from_pretrained(path)
+        config = _read_config(path)
         sd, display = _read_transformers_dir(path)
+        # checked before the model is built: building one walks every layer the config names
+        layers = _layer_indices(path, sd, r"model\.layer\.(\d+)\.", "layers")
+        if config.num_hidden_layers != layers:
+            _fail(os.path.join(path, "config.json"), f"num_hidden_layers: expected {layers} (the layers in the "
+                  f"weights), got {config.num_hidden_layers}")
         periods = _read_periods(path, config, use_stored_periods)
     else:
         config_kwargs, sd, periods, names = original_to_transformers(read_tensors(path), path)
@@ -370,8 +538,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m dinofast convert SRC DST`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dinofast convert",
-                                     description="Write an original-layout DINOv3 checkpoint as a transformers directory.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dinofast convert",
+        description="Write an original-layout DINOv3 checkpoint as a transformers directory.")
     parser.add_argument("src", help="original-layout .safetensors or .pth file")
     parser.add_argument("dst", help="new transformers directory")
     args = parser.parse_args(argv)

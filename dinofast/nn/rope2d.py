@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dinofast._layout import PackedLayout
+from dinofast import _validate as V
 from dinofast.ops.rope2d import rope2d
 from dinofast.reference.rope2d import sample_coord_transform
 
@@ -25,8 +26,13 @@ class RoPE2D(nn.Module):
                  shift: Optional[float] = None, jitter: Optional[float] = None,
                  rescale: Optional[float] = None):
         super().__init__()
-        if head_dim % 4 != 0 or not 0 < head_dim <= 256:
-            raise ValueError(f"head_dim: expected a multiple of 4 in [4, 256], got {head_dim}")
+        V.check_positive_int(head_dim, "head_dim")
+        V.check_head_dim(head_dim, "head_dim")
+        V.check_finite(theta, "theta")
+        V.check_nonneg_int(num_prefix_tokens, "num_prefix_tokens")
+        V.check_coord_param(shift, "shift", minimum=0.0)
+        V.check_coord_param(jitter, "jitter", minimum=1.0)
+        V.check_coord_param(rescale, "rescale", minimum=1.0)
         self.head_dim, self.theta, self.num_prefix_tokens = head_dim, float(theta), num_prefix_tokens
         self.shift, self.jitter, self.rescale = shift, jitter, rescale
         self.register_buffer("periods", None, persistent=False)

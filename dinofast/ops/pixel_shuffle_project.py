@@ -193,7 +193,8 @@ def _forward(x, weight, bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, factor,
     y = empty_output(x, (M, weight.shape[0]))
     if y.numel():
         impl.forward(_x3(x), weight, bias, y, meta)
-    return y if cu_seqlens is not None else y.view(x.shape[0], -1, weight.shape[0])
+    # explicit sizes: with B = 0 or out = 0 a -1 could not be inferred
+    return y if cu_seqlens is not None else y.view(x.shape[0], (hp // factor) * (wp // factor), weight.shape[0])
 
 
 @torch.library.custom_op("dinofast::pixel_shuffle_project", mutates_args=())
@@ -228,9 +229,13 @@ def _psp_backward_op(
     grad_x = empty_output(x, x.shape) if need_x else x.new_empty(0)
     grad_weight = empty_output(weight, weight.shape) if need_weight else x.new_empty(0)
     grad_bias = empty_output(weight, (weight.shape[0],)) if need_bias else x.new_empty(0)
-    grad_y2 = grad_y.reshape(-1, weight.shape[0])
+    grad_y2 = grad_y.reshape(grad_y.shape[:-1].numel(), weight.shape[0])  # [M, out], also when M or out is 0
     if grad_y2.stride(-1) != 1 or not grad_y2.is_contiguous():
         grad_y2 = grad_y2.contiguous()
+    if grad_y2.numel() == 0:  # no output element (B = 0, no rows, or out = 0): every gradient is zero
+        for g in (grad_x, grad_weight, grad_bias):
+            g.zero_()
+        return grad_x, grad_weight, grad_bias
     impl.backward(grad_y2, _x3(x), weight, _x3(grad_x) if need_x else None,
                   grad_weight if need_weight else None, grad_bias if need_bias else None, meta)
     return grad_x, grad_weight, grad_bias
@@ -270,10 +275,6 @@ _psp_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _out_cu_seqlens_on(hw: Tuple[Tuple[int, int], ...], factor: int, device: torch.device) -> Tensor:
     """int32 [n+1] cumulated Gh*Gw of host grids (checked divisible by factor), on `device`."""
     check_divisible(hw, factor)
@@ -306,6 +307,7 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layo
         bias = bias.contiguous()
     if packed:
         grids, layout, n = packed_grids(grids, layout, cu_seqlens, x.shape[0], "x.shape[0] (T)", P, x.device)
+        cu_seqlens, grids = cu_seqlens.contiguous(), grids.contiguous()
         hp = wp = 0
         if layout is not None and not torch.compiler.is_compiling():
             # checked and made once per layout; a clone, as it is returned to the caller
@@ -327,7 +329,7 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layo
             V.fail("x", f"N = num_prefix_tokens + Hp*Wp = {P} + {hp}*{wp} = {P + hp * wp} tokens "
                    "(x is [B, N, D])", x.shape[1])
         grids = out_cu_seqlens = layout = None
-    return (_unit_stride(x), weight.contiguous(), bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, s, P, layout)
+    return (V.unit_last_stride(x), weight.contiguous(), bias, cu_seqlens, grids, out_cu_seqlens, hp, wp, s, P, layout)
 
 
 def pixel_shuffle_project(

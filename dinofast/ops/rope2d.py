@@ -142,7 +142,7 @@ def _backward(ctx, grad_q, grad_k):
     # The rotation is orthogonal: its adjoint is the rotation by -angle.
     freqs, cu_seqlens, grids, coord_transform = ctx.saved_tensors
     hp, wp, P, inverse, max_seqlen, host_cu, host_grids = ctx.args
-    grad_q, grad_k = _unit_stride(grad_q), _unit_stride(grad_k)
+    grad_q, grad_k = V.unit_last_stride(grad_q), V.unit_last_stride(grad_k)
     dq, dk = _rope2d_op(grad_q, grad_k, freqs, cu_seqlens, grids, hp, wp, coord_transform, P, not inverse,
                         max_seqlen, host_cu, host_grids)
     return dq, dk, None, None, None, None, None, None, None, None, None, None, None
@@ -170,10 +170,6 @@ def _(q, k, inv_freq, cu_seqlens, grids, hp, wp, coord_transform, num_prefix_tok
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class _Args(NamedTuple):
     """What _prepare hands the op: the schema's arguments, plus the layout object for direct calls."""
 
@@ -207,13 +203,10 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
     D = q.shape[-1]
     V.check_head_dim(D, "q.shape[-1] (head dim)")
     V.check_finite(theta, "theta")
-    if periods is not None:
-        V.check_tensor(periods, "periods", ndim=1)
-        if periods.numel() != D // 4:
-            V.fail("periods", f"[head_dim/4] = [{D // 4}]", f"shape {tuple(periods.shape)}")
     if packed:
         grids, layout, n = packed_grids(grids, layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", num_prefix_tokens,
                                         q.device)
+        cu_seqlens, grids = cu_seqlens.contiguous(), grids.contiguous()
         hp = wp = 0
         # the launch bound: the longest image when the host knows it, else T (still a bound)
         max_seqlen = q.shape[0] if layout is None else layout.max_seqlen
@@ -225,14 +218,9 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
                    f"{num_prefix_tokens + hp * wp} tokens (q is [B, H, N, D])", q.shape[2])
         grids = layout = None
         max_seqlen = q.shape[2]
-    if coord_transform is not None:
-        V.check_tensor(coord_transform, "coord_transform")
-        if coord_transform.numel() not in (4, 4 * n) or coord_transform.shape[-1] != 4:
-            V.fail("coord_transform", f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
-                   f"shape {tuple(coord_transform.shape)}")
-        coord_transform = coord_transform.to(device=q.device, dtype=torch.float32).contiguous()
+    coord_transform = V.check_rope_extras(periods, coord_transform, D, n, q.device)
     freqs = rope_inv_freq(D, theta, periods, q.device)
-    return _Args(_unit_stride(q), _unit_stride(k), freqs, cu_seqlens, grids, hp, wp, coord_transform,
+    return _Args(V.unit_last_stride(q), V.unit_last_stride(k), freqs, cu_seqlens, grids, hp, wp, coord_transform,
                  num_prefix_tokens, max_seqlen, layout)
 
 
@@ -277,6 +265,10 @@ def rope2d_(
     a = _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_transform, layout)
     if a.q is not q or a.k is not k:
         V.fail("q, k", "unit stride on the head dim for an in-place rotation", (q.stride(), k.stride()))
+    # each element is read and written once per tensor: shared elements would be rotated twice
+    V.check_no_internal_overlap(q, "q")
+    V.check_no_internal_overlap(k, "k")
+    V.check_disjoint(q, "q", k, "k")
     if direct_call_ok(q, k, a.coord_transform):
         _run(q, k, q, k, a.freqs, a.cu_seqlens, a.grids, a.hp, a.wp, a.coord_transform, a.num_prefix_tokens,
              False, a.max_seqlen, a.layout)

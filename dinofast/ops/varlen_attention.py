@@ -208,7 +208,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens, inv_freq, grids, coord_transform = ctx.saved_tensors
     max_seqlen, scale, P, host_cu, host_grids = ctx.args
-    dq, dk, dv = _bwd_op(_unit_stride(grad_out), q, k, v, out, lse, cu_seqlens, max_seqlen, scale,
+    dq, dk, dv = _bwd_op(V.unit_last_stride(grad_out), q, k, v, out, lse, cu_seqlens, max_seqlen, scale,
                          inv_freq, grids, coord_transform, P, host_cu, host_grids)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
@@ -219,10 +219,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class _Args(NamedTuple):
     """What _prepare hands the op: the schema's arguments, plus the layout object for direct calls."""
 
@@ -261,7 +257,7 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _A
     V.check_nonneg_int(max_seqlen, "max_seqlen")
     if softmax_scale is None:
         softmax_scale = D ** -0.5
-    V.check_finite(softmax_scale, "softmax_scale")
+    V.check_softmax_scale(softmax_scale)
     freqs = grids = coord_transform = None
     P = 0
     if rope is not None:
@@ -271,24 +267,16 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _A
         P = rope.num_prefix_tokens
         grids, layout, _ = packed_grids(rope.grids, layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", P, q.device,
                                         grids_arg="rope.grids", prefix_arg="rope.num_prefix_tokens", n=n)
+        grids = grids.contiguous()
         V.check_finite(rope.theta, "rope.theta")
-        if rope.periods is not None:
-            V.check_tensor(rope.periods, "rope.periods", ndim=1)
-            if rope.periods.numel() != D // 4:
-                V.fail("rope.periods", f"[head_dim/4] = [{D // 4}]", f"shape {tuple(rope.periods.shape)}")
-        coord_transform = rope.coord_transform
-        if coord_transform is not None:
-            V.check_tensor(coord_transform, "rope.coord_transform")
-            if coord_transform.numel() not in (4, 4 * n) or coord_transform.shape[-1] != 4:
-                V.fail("rope.coord_transform", f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
-                       f"shape {tuple(coord_transform.shape)}")
-            coord_transform = coord_transform.to(device=q.device, dtype=torch.float32).contiguous()
+        coord_transform = V.check_rope_extras(rope.periods, rope.coord_transform, D, n, q.device, "rope.")
         freqs = rope_inv_freq(D, rope.theta, rope.periods, q.device)
     else:
         check_layout(layout, cu_seqlens, q.shape[0], "q.shape[0] (T)")
     if layout is not None:
         V.check_max_seqlen(max_seqlen, layout.max_seqlen, ", from layout")
-    return _Args(_unit_stride(q), _unit_stride(k), _unit_stride(v), cu_seqlens, max_seqlen, float(softmax_scale),
+    return _Args(V.unit_last_stride(q), V.unit_last_stride(k), V.unit_last_stride(v),
+                 cu_seqlens.contiguous(), max_seqlen, float(softmax_scale),
                  freqs, grids, coord_transform, P, layout)
 
 
@@ -335,12 +323,20 @@ def flash_attn_varlen_func(
     """flash_attn.flash_attn_varlen_func for packed self-attention: same arguments, same [T, H, D]
     result. Raises NotImplementedError for what dinofast does not do (dropout, causal, windows,
     softcap, ALiBi, attention probabilities, paged KV, different q/k lengths or head counts).
+    max_seqlen_q and max_seqlen_k are upper bounds on the same segments: the larger one is used.
     cu_seqlens_k is taken to hold cu_seqlens_q's values (checked only under dinofast.debug_checks():
     comparing them is a device read)."""
+    V.check_tensor(q, "q")
+    V.check_tensor(k, "k")
+    V.check_tensor(v, "v")
+    V.check_tensor(cu_seqlens_q, "cu_seqlens_q")
+    V.check_tensor(cu_seqlens_k, "cu_seqlens_k")
+    V.check_nonneg_int(max_seqlen_q, "max_seqlen_q")
+    V.check_nonneg_int(max_seqlen_k, "max_seqlen_k")
     if (dropout_p == 0.0 and not causal and softcap == 0.0 and alibi_slopes is None and not return_attn_probs
             and block_table is None and window_size in ((-1, -1), [-1, -1]) and (
                 cu_seqlens_k is cu_seqlens_q or cu_seqlens_k.shape == cu_seqlens_q.shape)
-            and max_seqlen_q == max_seqlen_k and k.shape == q.shape and v.shape == q.shape):
+            and k.shape == q.shape and v.shape == q.shape):
         asked = []  # the common drop-in call: nothing to name
     else:
         asked = _unsupported_flash_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -353,7 +349,7 @@ def flash_attn_varlen_func(
     if cu_seqlens_k is not cu_seqlens_q and _debug.enabled() and not _debug.same_values(cu_seqlens_q, cu_seqlens_k):
         raise NotImplementedError("dinofast.flash_attn_varlen_func does self-attention only; not supported: "
                                   "different q and k lengths (cross-attention): cu_seqlens_k != cu_seqlens_q")
-    return varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale=softmax_scale)
+    return varlen_attention(q, k, v, cu_seqlens_q, max(max_seqlen_q, max_seqlen_k), softmax_scale=softmax_scale)
 
 
 def _unsupported_flash_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
@@ -366,7 +362,7 @@ def _unsupported_flash_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         "block_table (paged KV)": block_table is not None,
         "k/v heads different from q heads (MQA/GQA)": k.shape[1:] != q.shape[1:] or v.shape[1:] != q.shape[1:],
         "different q and k lengths (cross-attention)": (
-            k.shape[0] != q.shape[0] or max_seqlen_q != max_seqlen_k
+            k.shape[0] != q.shape[0]
             or (cu_seqlens_k is not cu_seqlens_q and cu_seqlens_k.shape != cu_seqlens_q.shape)),
     }
     return [name for name, bad in unsupported.items() if bad]

@@ -1,6 +1,6 @@
 """Pixel shuffle + projection in plain PyTorch: the oracle every backend is tested against.
 
-Index map (shared/dinov3-reference.md, "Pixel shuffle"), factor s, grid (Hp, Wp), Gh = Hp/s,
+Index map (README, "Pixel shuffle + projection"), factor s, grid (Hp, Wp), Gh = Hp/s,
 Gw = Wp/s, P prefix tokens dropped first:
     shuffled[b, I*Gw + J, (dy*s + dx)*D + d] = x[b, P + (I*s + dy)*Wp + (J*s + dx), d]
 then y = shuffled @ weight.T (+ bias). Written as reshape/permute (nanoVLM's formula generalised to
@@ -8,7 +8,7 @@ rectangles) so that it reads like the spec; it materialises the shuffled tensor,
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 

@@ -1,6 +1,6 @@
 """2D RoPE in plain PyTorch: the oracle every backend is tested against.
 
-Numerics follow shared/dinov3-reference.md:
+Numerics (DINOv3's, as transformers' DINOv3ViTRopePositionEmbedding computes them):
   coordinates  y_i = 2*(i + 0.5)/Hp - 1,  x_j = 2*(j + 0.5)/Wp - 1   (true rectangular grid)
   augmentation y' = (y + shift_y) * scale_y, x' = (x + shift_x) * scale_x   (train mode only)
   angles       a = 2*pi*coord * inv_freq_k, channel layout [a_y | a_x | a_y | a_x] (D/4 each)
@@ -136,7 +136,14 @@ def sample_coord_transform(
     """[n, 4] (shift_y, shift_x, scale_y, scale_x), drawn as DINOv3 train mode draws them:
     shift ~ U(-shift, shift) per axis, jitter = exp(U(-ln J, ln J)) per axis, rescale =
     exp(U(-ln R, ln R)) shared by both axes; scale = jitter * rescale. The draws happen in the same
-    order as transformers' DINOv3ViTRopePositionEmbedding, so one seed gives the same numbers."""
+    order as transformers' DINOv3ViTRopePositionEmbedding, so one seed gives the same numbers.
+    shift >= 0, jitter >= 1 and rescale >= 1 (finite) or None."""
+    from dinofast import _validate as V
+
+    V.check_nonneg_int(n, "n")
+    V.check_coord_param(shift, "shift", minimum=0.0)
+    V.check_coord_param(jitter, "jitter", minimum=1.0)
+    V.check_coord_param(rescale, "rescale", minimum=1.0)
     t = torch.zeros(n, 4, dtype=torch.float32, device=device)
     t[:, 2:] = 1.0
     for i in range(n):

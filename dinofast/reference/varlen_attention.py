@@ -5,8 +5,11 @@ attends only to itself (non-causal). With a RopeSpec, q and k of each segment ar
 DINOv3's 2D RoPE exactly as dinofast.reference.rope2d does (result in the input dtype), so
 "fused rope" means "rope2d, then attention".
 
-Computed per segment with scaled_dot_product_attention in fp32 (fp64 for fp64 inputs), the output
-cast back to the input dtype; the log-sum-exp of the scaled scores is returned in fp32 (fp64).
+Computed per segment in fp32 (fp64 for fp64 inputs) as written in the definition: scores
+S = (Q K^T) * softmax_scale, P = softmax(S), out = P V, cast back to the input dtype; the log-sum-exp
+of S is returned in fp32 (fp64). The order of operations is the semantics for non-finite input: a
+NaN anywhere in a row's scores or values makes it NaN, a score that overflows to +Inf makes its row
+NaN (Inf - Inf), one that overflows to -Inf only drops its key.
 The backward is torch autograd through this same code: no hand-derived formula to trust.
 """
 from __future__ import annotations
@@ -48,8 +51,9 @@ def varlen_attention_reference(
             outs.append(qs.transpose(0, 1))
             lses.append(qs.new_empty(H, 0))
             continue
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
-        lses.append(torch.logsumexp(qs @ ks.transpose(1, 2) * scale, dim=-1))
+        scores = (qs @ ks.transpose(1, 2)) * scale  # [H, L, L]
+        outs.append((torch.softmax(scores, dim=-1) @ vs).transpose(0, 1))
+        lses.append(torch.logsumexp(scores, dim=-1))
     out = torch.cat(outs, 0) if outs else q.new_empty(0, H, D, dtype=ct)
     return out.to(q.dtype), torch.cat(lses, 1)
 
