@@ -178,7 +178,9 @@ def _extent(t: torch.Tensor) -> Tuple[int, int]:
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    # meta tensors have no memory to share (every data_ptr reads 0)
+    return (a.device == b.device and a.device.type != "meta"
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 def check_no_internal_overlap(t: torch.Tensor, arg: str) -> None:
