@@ -11,7 +11,6 @@ Tensors reach the launcher as 4-D strided views [B, N, H, D] with unit stride on
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

@@ -203,22 +203,30 @@ def low_precision_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and not triton_interpreted()
 
 
-def forward_config(head_dim: int, interpreted: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
+# fp32 inputs multiply on CUDA cores (exact fp32 dots): small tiles, or ptxas spills.
+FP32_CONFIG = (16, 32, 4, 1)
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, interpreted: Optional[bool] = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel (spill-free on sm_80/sm_90:
+    tests/test_aot.py)."""
     if triton_interpreted() if interpreted is None else interpreted:
         return 16, 16, 1, 1
+    if dtype == torch.float32:
+        return FP32_CONFIG
     if head_dim <= 64:
         return 128, 64, 8, 3
     return 128, 64, 8, 2
 
 
-def backward_config(head_dim: int, interpreted: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV and dQ kernels."""
+def backward_config(head_dim: int, dtype: torch.dtype, interpreted: Optional[bool] = None):
+    """{"dkdv": ..., "dq": ...}: (BLOCK_M, BLOCK_N, num_warps, num_stages) of each backward kernel.
+    dK/dV holds two [BLOCK_N, D] fp32 accumulators: 32-row query steps keep it spill-free."""
     if triton_interpreted() if interpreted is None else interpreted:
-        return 16, 16, 1, 1
-    if head_dim <= 64:
-        return 64, 64, 4, 2
-    return 64, 64, 8, 1
+        return dict(dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1))
+    if dtype == torch.float32:
+        return dict(dkdv=FP32_CONFIG, dq=FP32_CONFIG)
+    return dict(dkdv=(32, 64, 8, 1), dq=(64, 64, 4, 2) if head_dim <= 64 else (64, 64, 8, 1))
 
 
 DELTA_BLOCK, DELTA_BLOCK_INTERPRETED = 64, 16
@@ -256,7 +264,7 @@ def forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale, rope) -> None:
     T, H, D = q.shape
     if rope is not None:
         q, k = _rotated(q, k, cu_seqlens, max_seqlen, rope, False, q.dtype)
-    block_m, block_n, num_warps, num_stages = forward_config(D)
+    block_m, block_n, num_warps, num_stages = forward_config(D, q.dtype)
     tiles = _tiles(max_seqlen, T, block_m)
     n_work = tiles * H * (cu_seqlens.numel() - 1)
     varlen_fwd_kernel[work_grid(n_work)](
@@ -283,20 +291,18 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, scale,
         q, k = _rotated(q, k, cu_seqlens, max_seqlen, rope, False, q.dtype)
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    block_m, block_n, num_warps, num_stages = backward_config(D)
-    common = dict(HEAD_DIM=D, D_PAD=d_pad(D), BLOCK_M=block_m, BLOCK_N=block_n,
-                  LOW_PRECISION=low_precision_dot(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    config = backward_config(D, q.dtype)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
-    tiles_n = _tiles(max_seqlen, T, block_n)
-    varlen_bwd_dkdv_kernel[work_grid(tiles_n * H * n)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        T, H, tiles_n, tiles_n * H * n, scale, scale * LOG2E, **common)
-    tiles_m = _tiles(max_seqlen, T, block_m)
-    varlen_bwd_dq_kernel[work_grid(tiles_m * H * n)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens,
-        *strides, dq.stride(0), dq.stride(1),
-        T, H, tiles_m, tiles_m * H * n, scale, scale * LOG2E, **common)
+    for kernel, (block_m, block_n, num_warps, num_stages), block, grads in (
+            (varlen_bwd_dkdv_kernel, config["dkdv"], 1, (dk, dv)), (varlen_bwd_dq_kernel, config["dq"], 0, (dq,))):
+        tiles = _tiles(max_seqlen, T, (block_m, block_n)[block])  # dK/dV: key blocks; dQ: query blocks
+        n_work = tiles * H * n
+        kernel[work_grid(n_work)](
+            q, k, v, dout, lse, delta, *grads, cu_seqlens,
+            *strides, *(s for g in grads for s in (g.stride(0), g.stride(1))),
+            T, H, tiles, n_work, scale, scale * LOG2E,
+            HEAD_DIM=D, D_PAD=d_pad(D), BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
+            num_warps=num_warps, num_stages=num_stages)
     if rope is not None:
         _unrotate_into(dq, dk, dq_out, dk_out, cu_seqlens, max_seqlen, rope)

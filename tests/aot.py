@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 CAPABILITIES = (80, 90)
@@ -205,7 +205,7 @@ def sass_loops(sass: str):
     last) instruction index, from each branch to an earlier address (a back-edge)."""
     instructions = []
     for line in sass.splitlines():
-        ins = re.match(r"\s*/\*([0-9a-f]{4})\*/\s+(.*?)\s*;", line)
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if ins:
             instructions.append((int(ins.group(1), 16), ins.group(2)))
     index = {address: i for i, (address, _) in enumerate(instructions)}
@@ -219,7 +219,7 @@ def sass_loops(sass: str):
 
 def main_loop(sass: str):
     """(loop static instructions, total static instructions): the main loop is the smallest loop
-    holding a tensor-core MMA (HGMMA/HMMA), else the largest loop that holds no other loop."""
+    issuing the most tensor-core MMAs (HGMMA/HMMA), innermost first, else the largest loop that holds no other loop."""
     instructions, loops = sass_loops(sass)
     if not loops:
         return 0, len(instructions)
@@ -227,21 +227,29 @@ def main_loop(sass: str):
     def size(loop):
         return loop[1] - loop[0] + 1
 
-    with_mma = [lp for lp in loops if any(re.search(r"\b(HGMMA|HMMA)\.", instructions[i][1])
-                                          for i in range(lp[0], lp[1] + 1))]
-    if with_mma:
-        return min(size(lp) for lp in with_mma), len(instructions)
+    def mmas(loop):
+        return sum(bool(re.search(r"\b(HGMMA|HMMA)\.", instructions[i][1])) for i in range(loop[0], loop[1] + 1))
+
+    with_mma = [lp for lp in loops if mmas(lp)]
+    if with_mma:  # the loop issuing the most MMAs; of those, the innermost
+        most = max(mmas(lp) for lp in with_mma)
+        return min(size(lp) for lp in with_mma if mmas(lp) == most), len(instructions)
     innermost = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
     return max(size(lp) for lp in innermost), len(instructions)
 
 
-def _ptxas(ptx: str, capability: int, workdir: str) -> dict:
+def _ptxas(ptx: str, capability: int, workdir: str, fp_fusion: bool) -> dict:
+    """ptxas as Triton runs it for this target (same binary and flags), with its -v report, and
+    the cubin's SASS."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     arch = "sm_90a" if capability == 90 else f"sm_{capability}"
     src, cubin = os.path.join(workdir, "kernel.ptx"), os.path.join(workdir, "kernel.cubin")
     with open(src, "w") as f:
         f.write(ptx)
-    out = subprocess.run([_nvidia_tool("ptxas-blackwell"), "-v", "--gpu-name", arch, src, "-o", cubin],
-                         capture_output=True, text=True)
+    fmad = [] if fp_fusion else ["--fmad=false"]
+    out = subprocess.run([get_ptxas(capability).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+                          f"--gpu-name={arch}", src, "-o", cubin], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"ptxas failed for {arch}:\n{out.stderr}")
     regs = re.search(r"Used (\d+) registers", out.stderr)
@@ -275,7 +283,7 @@ def _work(kernel_name: str, bound: dict, grid) -> dict:
     c = bound
     if kernel_name.startswith("varlen_") and "cu_seqlens_ptr" in bound:
         lengths = (c["cu_seqlens_ptr"][1:] - c["cu_seqlens_ptr"][:-1]).tolist()
-        H, D = c["n_heads"], c["HEAD_DIM"]
+        H, D = c["n_heads"] if "n_heads" in c else c["q_ptr"].shape[1], c["HEAD_DIM"]
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
         outer, inner, gemms = {"varlen_fwd_kernel": (bm, bn, 2), "varlen_bwd_dkdv_kernel": (bn, bm, 4),
                                "varlen_bwd_dq_kernel": (bm, bn, 3)}[kernel_name]
@@ -309,7 +317,7 @@ def _compile_launch(kernel, args, kwargs, grid, capability, workdir) -> dict:
     return dict(name=f"{kernel.__name__}[{config}, w{options.num_warps}, s{options.num_stages}]",
                 kernel=kernel.__name__, capability=capability, dtype=dtypes[0][1:] if dtypes else "-",
                 ptx=ptx, shared=compiled.metadata.shared, num_warps=options.num_warps, low_precision_dots=low,
-                **_ptxas(ptx, capability, workdir))
+                **_ptxas(ptx, capability, workdir, options.enable_fp_fusion is not False))
 
 
 def _compile_scenarios(scenarios: dict, capabilities, every_launch: bool = False) -> list:

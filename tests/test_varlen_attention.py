@@ -1,6 +1,5 @@
 """varlen_attention: every backend against the reference and against dense masked SDPA; fused RoPE
 against rope2d + attention; gradients; torch.compile; bad input; launch grids within CUDA limits."""
-import math
 
 import pytest
 import torch
