@@ -1,6 +1,4 @@
 """rope2d: every backend against the reference; the reference against transformers."""
-import math
-
 import pytest
 import torch
 from hypothesis import given, strategies as st
