@@ -40,6 +40,14 @@ def _load_rows(base, rows, row_mask, stride_t, HEAD_DIM: tl.constexpr, D_PAD: tl
 
 
 @triton.jit
+def _load_two(a_ptr, sa_t, sa_h, b_ptr, sb_t, sb_h, h, rows, row_mask, HEAD_DIM: tl.constexpr,
+              D_PAD: tl.constexpr):
+    """Rows `rows` of head h of two [T, H, D] tensors (q and dO, or k and v)."""
+    return (_load_rows(a_ptr + h * sa_h, rows, row_mask, sa_t, HEAD_DIM, D_PAD),
+            _load_rows(b_ptr + h * sb_h, rows, row_mask, sb_t, HEAD_DIM, D_PAD))
+
+
+@triton.jit
 def _store_rows(base, rows, row_mask, stride_t, x, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     d = tl.arange(0, D_PAD)
     ptr = base + rows.to(tl.int64)[:, None] * stride_t + d[None, :]
@@ -63,6 +71,13 @@ def _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK: tl.constexpr):
     start = tl.load(cu_seqlens_ptr + seg)
     end = tl.load(cu_seqlens_ptr + seg + 1)
     return start + tile * BLOCK, h, start, end
+
+
+@triton.jit
+def _block(first, end, BLOCK: tl.constexpr):
+    """Rows first .. first + BLOCK - 1 and which of them lie before the segment's end."""
+    rows = first + tl.arange(0, BLOCK)
+    return rows, rows < end
 
 
 @triton.jit
@@ -95,15 +110,13 @@ def varlen_fwd_kernel(
     for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
         q0, h, start, end = _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK_M)
         if q0 < end:
-            rows = q0 + tl.arange(0, BLOCK_M)
-            row_mask = rows < end
+            rows, row_mask = _block(q0, end, BLOCK_M)
             q = _load_rows(q_ptr + h * sq_h, rows, row_mask, sq_t, HEAD_DIM, D_PAD)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
             for n0 in range(start, end, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_mask = cols < end
+                cols, col_mask = _block(n0, end, BLOCK_N)
                 k = _load_rows(k_ptr + h * sk_h, cols, col_mask, sk_t, HEAD_DIM, D_PAD)
                 s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), LOW_PRECISION, q_ptr)
                 s = tl.where(col_mask[None, :], s * qk_scale_log2, float("-inf"))
@@ -128,9 +141,9 @@ def varlen_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, so_t, so_h, sg_t, sg_h
         block, h, _ = work_item(w, row_blocks, n_heads)
         rows = block * BLOCK + tl.arange(0, BLOCK)
         row_mask = rows < T
-        o = _load_rows(out_ptr + h * so_h, rows, row_mask, so_t, HEAD_DIM, D_PAD).to(tl.float32)
-        g = _load_rows(dout_ptr + h * sg_h, rows, row_mask, sg_t, HEAD_DIM, D_PAD).to(tl.float32)
-        tl.store(delta_ptr + h.to(tl.int64) * T + rows, tl.sum(o * g, 1), mask=row_mask)
+        o, g = _load_two(out_ptr, so_t, so_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
+        tl.store(delta_ptr + h.to(tl.int64) * T + rows, tl.sum(o.to(tl.float32) * g.to(tl.float32), 1),
+                 mask=row_mask)
 
 
 @triton.jit
@@ -144,17 +157,13 @@ def varlen_bwd_dkdv_kernel(
     for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
         n0, h, start, end = _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK_N)
         if n0 < end:
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_mask = cols < end
-            k = _load_rows(k_ptr + h * sk_h, cols, col_mask, sk_t, HEAD_DIM, D_PAD)
-            v = _load_rows(v_ptr + h * sv_h, cols, col_mask, sv_t, HEAD_DIM, D_PAD)
+            cols, col_mask = _block(n0, end, BLOCK_N)
+            k, v = _load_two(k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, h, cols, col_mask, HEAD_DIM, D_PAD)
             dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
             dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
             for m0 in range(start, end, BLOCK_M):
-                rows = m0 + tl.arange(0, BLOCK_M)
-                row_mask = rows < end
-                q = _load_rows(q_ptr + h * sq_h, rows, row_mask, sq_t, HEAD_DIM, D_PAD)
-                g = _load_rows(dout_ptr + h * sg_h, rows, row_mask, sg_t, HEAD_DIM, D_PAD)
+                rows, row_mask = _block(m0, end, BLOCK_M)
+                q, g = _load_two(q_ptr, sq_t, sq_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
                 lse2, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
                 p, ds = _probs_and_dscores(q, k, v, g, lse2, delta, row_mask[:, None] & col_mask[None, :],
                                            qk_scale_log2, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
@@ -175,17 +184,13 @@ def varlen_bwd_dq_kernel(
     for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
         m0, h, start, end = _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK_M)
         if m0 < end:
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_mask = rows < end
-            q = _load_rows(q_ptr + h * sq_h, rows, row_mask, sq_t, HEAD_DIM, D_PAD)
-            g = _load_rows(dout_ptr + h * sg_h, rows, row_mask, sg_t, HEAD_DIM, D_PAD)
+            rows, row_mask = _block(m0, end, BLOCK_M)
+            q, g = _load_two(q_ptr, sq_t, sq_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
             lse2, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
             dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
             for n0 in range(start, end, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_mask = cols < end
-                k = _load_rows(k_ptr + h * sk_h, cols, col_mask, sk_t, HEAD_DIM, D_PAD)
-                v = _load_rows(v_ptr + h * sv_h, cols, col_mask, sv_t, HEAD_DIM, D_PAD)
+                cols, col_mask = _block(n0, end, BLOCK_N)
+                k, v = _load_two(k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, h, cols, col_mask, HEAD_DIM, D_PAD)
                 _, ds = _probs_and_dscores(q, k, v, g, lse2, delta, row_mask[:, None] & col_mask[None, :],
                                            qk_scale_log2, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
                 dq = _dot(ds, k, dq, LOW_PRECISION, q_ptr)

@@ -333,6 +333,10 @@ def _compile_scenarios(scenarios: dict, capabilities, every_launch: bool = False
                     new = key not in done
                     if new:
                         done[key] = _compile_launch(kernel, args, kwargs, grid, cap, workdir)
+                        c = done[key]
+                        print(f"{c['name']} sm_{cap} {c['dtype']}: {c['registers']} regs, {c['shared']} B smem, "
+                              f"{c['spill_stores']}/{c['spill_loads']} B spill, loop {c['loop_instructions']}",
+                              file=sys.stderr, flush=True)
                     if new or every_launch:
                         results.append(dict(done[key], scenario=name, work=_work(kernel.__name__, bound, grid)))
     return results
