@@ -209,7 +209,7 @@ def low_precision_dot(dtype: torch.dtype) -> bool:
 
 
 # fp32 inputs multiply on CUDA cores (exact fp32 dots): small tiles, or ptxas spills.
-FP32_CONFIG = (16, 32, 4, 1)
+FP32_CONFIG = (16, 16, 4, 1)
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, interpreted: Optional[bool] = None):
@@ -221,7 +221,7 @@ def forward_config(head_dim: int, dtype: torch.dtype, interpreted: Optional[bool
         return FP32_CONFIG
     if head_dim <= 64:
         return 128, 64, 8, 3
-    return 128, 64, 8, 2
+    return 128, 32, 8, 2  # 64-key tiles spill at D 80 on sm_80
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, interpreted: Optional[bool] = None):

@@ -55,19 +55,20 @@ class Compiled:
 # ---------------------------------------------------------------------------------------------
 # Scenarios: dinofast's real launchers on CPU tensors (run in the subprocess only)
 # ---------------------------------------------------------------------------------------------
-def _attention(lengths_or_grids, H, D, dtype_name, rope: bool, prefix: int = 1):
+def _attention(grids, H, D, dtype_name, rope: bool, prefix: int = 5, coord_transform: bool = False):
     import torch
 
     from dinofast.ops.rope2d import rope_inv_freq
     from dinofast.ops.varlen_attention import RopeArgs, _triton_backward, _triton_forward
 
     dtype = getattr(torch, dtype_name)
-    grids = lengths_or_grids
     lengths = [prefix + h * w for h, w in grids]
     T = sum(lengths)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     if rope:
-        args = RopeArgs(rope_inv_freq(D, 100.0, None, "cpu"), torch.tensor(grids, dtype=torch.int32), None, prefix)
+        transform = torch.rand(len(grids), 4) + 0.5 if coord_transform else None  # training-time jitter
+        args = RopeArgs(rope_inv_freq(D, 100.0, None, "cpu"), torch.tensor(grids, dtype=torch.int32), transform,
+                        prefix)
         q, k, v = (torch.randn(T, H, D, dtype=dtype) for _ in range(3))
     else:  # views of one fused qkv projection, as the model's Linear produces them
         args = None
@@ -118,7 +119,7 @@ def _rope2d_batched(dtype_name, D, H=16, hw=(32, 32), prefix=5):
            None, prefix, False, q.shape[1])
 
 
-# A batch of 8 mixed images (patch grids), as a VLM packs them: 4,424 tokens with one prefix token each
+# A batch of 8 mixed images (patch grids), as a VLM packs them: 5,384 tokens with 5 prefix tokens each
 MIXED_8 = [(32, 32), (24, 40), (40, 24), (16, 16), (20, 36), (28, 28), (12, 48), (8, 8)]
 VIT_L_1024 = [(64, 64)]  # T = 4,101 with 5 prefix tokens (CLS + 4 registers)
 
@@ -130,9 +131,9 @@ def gate_scenarios() -> dict:
         for D in (64, 80, 128):
             H = 1024 // D if D != 80 else 16
             scenarios[f"attention-rope-{dtype}-D{D}"] = (
-                lambda dtype=dtype, D=D, H=H: _attention(MIXED_8[:3], H, D, dtype, True))
+                lambda dtype=dtype, D=D, H=H: _attention(MIXED_8[:3], H, D, dtype, True, coord_transform=True))
             scenarios[f"attention-qkv-{dtype}-D{D}"] = (
-                lambda dtype=dtype, D=D, H=H: _attention(VIT_L_1024, H, D, dtype, False, prefix=5))
+                lambda dtype=dtype, D=D, H=H: _attention(VIT_L_1024, H, D, dtype, False))
         scenarios[f"rope2d-batched-{dtype}"] = lambda dtype=dtype: _rope2d_batched(dtype, 64)
         for packed in (False, True):
             scenarios[f"pixel_shuffle_project-{'packed' if packed else 'batched'}-{dtype}"] = (
@@ -143,8 +144,8 @@ def gate_scenarios() -> dict:
 
 def report_scenarios() -> dict:
     return {
-        "ViT-L/16 1024^2": lambda: _attention(VIT_L_1024, 16, 64, "bfloat16", True, prefix=5),
-        "8 mixed images": lambda: _attention(MIXED_8, 16, 64, "bfloat16", True, prefix=5),
+        "ViT-L/16 1024^2": lambda: _attention(VIT_L_1024, 16, 64, "bfloat16", True),
+        "8 mixed images": lambda: _attention(MIXED_8, 16, 64, "bfloat16", True),
     }
 
 
