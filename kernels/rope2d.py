@@ -119,10 +119,10 @@ def rope2d_kernel(
 
 
 def launch_config(head_dim: int):
-    """(HALF_PAD, BLOCK_T, HEADS_PER_PROG, num_warps): 1-2K fp32 angle elements per program over 8
-    warps (with 4 warps ptxas spills a few bytes on some sm_80/sm_90 variants)."""
+    """(HALF_PAD, BLOCK_T, HEADS_PER_PROG, num_warps): at most 1K fp32 angle elements per program
+    over 8 warps (larger tiles, or 4 warps, make ptxas spill a few bytes on some sm_80/sm_90 variants)."""
     half_pad = triton.next_power_of_2(head_dim // 2)
-    block_t = max(4, min(32, 2048 // half_pad))
+    block_t = max(4, min(16, 1024 // half_pad))
     return half_pad, block_t, 4, 8
 
 
