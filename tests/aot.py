@@ -80,7 +80,7 @@ def _attention(grids, H, D, dtype_name, rope: bool, prefix: int = 5, coord_trans
     _triton_backward(dout, q, k, v, out, lse, dq, dk, dv, cu, max(lengths), D ** -0.5, args)
 
 
-def _pixel_shuffle_project(dtype_name, packed: bool, grids=((32, 32),), D=1024, s=4, out=960, prefix=1):
+def _pixel_shuffle_project(dtype_name, packed: bool, grids=((32, 32),), D=1024, s=4, out=960, prefix=5):
     import torch
 
     from dinofast.kernels.pixel_shuffle_project import backward, forward
