@@ -1,22 +1,22 @@
-"""Triton kernels for varlen (packed, block-diagonal) attention with fused 2D RoPE, and launchers.
+"""Triton kernels for varlen (packed, block-diagonal) attention, and launchers.
 
-Forward: FlashAttention-2 style online softmax, one program per (query block, head, segment);
-programs whose block starts past their segment's end exit at once (the grid is sized by
-max_seqlen). Backward: a dK/dV kernel per (key block, head, segment) and a dQ kernel per
-(query block, head, segment), both recomputing P from the saved fp32 log-sum-exp, so nothing is
-accumulated atomically.
+Forward: FlashAttention-2 style online softmax over one (query block, head, segment) work item.
+Backward: a dK/dV kernel per (key block, head, segment) and a dQ kernel per (query block, head,
+segment), both recomputing P from the saved fp32 log-sum-exp, so nothing is accumulated
+atomically. Work items are numbered on one grid axis and programs loop over them (see work_grid
+in kernels/rope2d.py): any number of segments and any max_seqlen stay within CUDA's grid limits.
+Items whose block starts past their segment's end do nothing (the tiles per segment are sized
+by max_seqlen, so the launch needs no host sync).
 
-RoPE: rotate-half pairs channel d with d + D/2, so every head row is handled as two halves
-[.., HALF_PAD] (HALF_PAD = next power of 2 of D/2; D = 80 runs through masked loads). Q and K
-tiles are rotated in fp32 registers as they are loaded (cos/sin from rope_cos_sin in
-kernels/rope2d.py), and Q K^T = Q1 K1^T + Q2 K2^T. dQ and dK are rotated back (the adjoint) before
-they are stored. No rotated copy of q or k ever reaches memory.
+RoPE: q and k are rotated once by the rope2d kernel into scratch buffers in their own dtype
+(exactly rope2d's output), and the plain kernels run on those; the backward writes dQ and dK of
+the rotated inputs in fp32 and rotates them back (the adjoint: the inverse rotation) in one more
+rope2d pass. Rotating inside the attention loops would evaluate sin/cos for every (query block,
+key block) pair: benchmarks/README.md, "SASS main loops", has the instruction counts.
 
 Inputs reach the launchers as [T, H, D] views with unit stride on D; lse is float32 [H, T].
 """
 from __future__ import annotations
-
-import math
 
 from typing import Optional
 
@@ -25,49 +25,33 @@ import triton
 import triton.language as tl
 
 from dinofast._backend import triton_interpreted
-from dinofast.kernels.rope2d import rope_cos_sin
+from dinofast.kernels import rope2d as _rope2d
+from dinofast.kernels.rope2d import work_grid, work_item
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_halves(base, rows, row_mask, stride_t, seg_start, num_prefix_tokens, hp, wp, t_row, inv_freq_ptr,
-                 ROPE: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 HALF_PAD: tl.constexpr):
-    """Rows `rows` of one head (base points at head h of token 0) as two fp32 halves
-    [len(rows), HALF_PAD]; rotated by the 2D RoPE of their segment when ROPE."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HALF_PAD)
-    mask = row_mask[:, None] & (d < HALF)[None, :]
+def _load_rows(base, rows, row_mask, stride_t, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows `rows` of one head (base points at head h of token 0): [len(rows), D_PAD], zero-padded."""
+    d = tl.arange(0, D_PAD)
     ptr = base + rows.to(tl.int64)[:, None] * stride_t + d[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    if ROPE:
-        cos, sin = rope_cos_sin(rows - seg_start - num_prefix_tokens, hp, wp, t_row, inv_freq_ptr,
-                                HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        # rounded to the input dtype, as rope2d's output would be: fused == rope2d + attention
-        # (returned in that dtype: the tensor-core dots take it as is)
-        x1 = x1.to(base.dtype.element_ty)
-        x2 = x2.to(base.dtype.element_ty)
-    return x1, x2
+    return tl.load(ptr, mask=row_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit
-def _store_halves(base, rows, row_mask, stride_t, x1, x2, seg_start, num_prefix_tokens, hp, wp, t_row,
-                  inv_freq_ptr, UNROTATE: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  HALF_PAD: tl.constexpr):
-    """Store fp32 halves into rows of one head, first rotating them back (by -angle) when UNROTATE."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    if UNROTATE:
-        cos, sin = rope_cos_sin(rows - seg_start - num_prefix_tokens, hp, wp, t_row, inv_freq_ptr,
-                                HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-        x1, x2 = x1 * cos + x2 * sin, x2 * cos - x1 * sin
-    d = tl.arange(0, HALF_PAD)
-    mask = row_mask[:, None] & (d < HALF)[None, :]
+def _load_two(a_ptr, sa_t, sa_h, b_ptr, sb_t, sb_h, h, rows, row_mask, HEAD_DIM: tl.constexpr,
+              D_PAD: tl.constexpr):
+    """Rows `rows` of head h of two [T, H, D] tensors (q and dO, or k and v)."""
+    return (_load_rows(a_ptr + h * sa_h, rows, row_mask, sa_t, HEAD_DIM, D_PAD),
+            _load_rows(b_ptr + h * sb_h, rows, row_mask, sb_t, HEAD_DIM, D_PAD))
+
+
+@triton.jit
+def _store_rows(base, rows, row_mask, stride_t, x, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    d = tl.arange(0, D_PAD)
     ptr = base + rows.to(tl.int64)[:, None] * stride_t + d[None, :]
-    tl.store(ptr, x1.to(base.dtype.element_ty), mask=mask)
-    tl.store(ptr + HALF, x2.to(base.dtype.element_ty), mask=mask)
+    tl.store(ptr, x.to(base.dtype.element_ty), mask=row_mask[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -81,189 +65,136 @@ def _dot(a, b, acc, LOW_PRECISION: tl.constexpr, like_ptr):
 
 
 @triton.jit
-def _segment(cu_seqlens_ptr, grids_ptr, coord_transform_ptr, seg, transform_stride, ROPE: tl.constexpr):
+def _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK: tl.constexpr):
+    """Work item w -> (first row of its block, head, segment start, segment end)."""
+    tile, h, seg = work_item(w, tiles_per_segment, n_heads)
     start = tl.load(cu_seqlens_ptr + seg)
     end = tl.load(cu_seqlens_ptr + seg + 1)
-    if ROPE:
-        hp = tl.load(grids_ptr + 2 * seg)
-        wp = tl.load(grids_ptr + 2 * seg + 1)
-    else:
-        hp = start * 0 + 1
-        wp = start * 0 + 1
-    t_row = coord_transform_ptr + seg * transform_stride
-    return start, end, hp, wp, t_row
+    return start + tile * BLOCK, h, start, end
+
+
+@triton.jit
+def _block(first, end, BLOCK: tl.constexpr):
+    """Rows first .. first + BLOCK - 1 and which of them lie before the segment's end."""
+    rows = first + tl.arange(0, BLOCK)
+    return rows, rows < end
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask):
+    """log2-unit LSE and delta of rows `rows` of head h (both float32 [H, T])."""
+    off = h.to(tl.int64) * T + rows
+    lse2 = tl.load(lse_ptr + off, mask=row_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + off, mask=row_mask, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, g, lse2, delta, valid, qk_scale_log2,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOW_PRECISION: tl.constexpr, like_ptr):
+    """Recomputed P = softmax(Q K^T) [BLOCK_M, BLOCK_N] and dS = P * (dO V^T - delta) (both fp32)."""
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), LOW_PRECISION, like_ptr)
+    p = tl.where(valid, tl.math.exp2(s * qk_scale_log2 - lse2[:, None]), 0.0)
+    dp = _dot(g, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), LOW_PRECISION, like_ptr)
+    return p, p * (dp - delta[:, None])
 
 
 @triton.jit
 def varlen_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_ptr, inv_freq_ptr, grids_ptr, coord_transform_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-    T, num_prefix_tokens, transform_stride, qk_scale_log2,
-    ROPE: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    T, n_heads, tiles_per_segment, n_work, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    seg = tl.program_id(2)
-    start, end, hp, wp, t_row = _segment(cu_seqlens_ptr, grids_ptr, coord_transform_ptr, seg,
-                                         transform_stride, ROPE)
-    q0 = start + pid_m * BLOCK_M
-    if q0 >= end:
-        return
-    rows = q0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < end
-    q1, q2 = _load_halves(q_ptr + h * sq_h, rows, row_mask, sq_t, start, num_prefix_tokens, hp, wp, t_row,
-                          inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-    if LOW_PRECISION:  # loaded once, used by every dot
-        q1 = q1.to(q_ptr.dtype.element_ty)
-        q2 = q2.to(q_ptr.dtype.element_ty)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < end
-        k1, k2 = _load_halves(k_ptr + h * sk_h, cols, col_mask, sk_t, start, num_prefix_tokens, hp, wp, t_row,
-                              inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, q_ptr)
-        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, q_ptr)
-        s = tl.where(col_mask[None, :], s * qk_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v1, v2 = _load_halves(v_ptr + h * sv_h, cols, col_mask, sv_t, start, 0, hp, wp, t_row, inv_freq_ptr,
-                              False, False, HEAD_DIM, HALF_PAD)
-        acc1 = _dot(p, v1, acc1 * alpha[:, None], LOW_PRECISION, q_ptr)
-        acc2 = _dot(p, v2, acc2 * alpha[:, None], LOW_PRECISION, q_ptr)
-        m_i = m_new
-    inv_l = 1.0 / l_i
-    _store_halves(out_ptr + h * so_h, rows, row_mask, so_t, acc1 * inv_l[:, None], acc2 * inv_l[:, None],
-                  start, 0, hp, wp, t_row, inv_freq_ptr, False, False, HEAD_DIM, HALF_PAD)
-    # natural-log LSE of the scaled scores (m_i, log2 l_i are in log2 units)
-    tl.store(lse_ptr + h * T + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_mask)
+    for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
+        q0, h, start, end = _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK_M)
+        if q0 < end:
+            rows, row_mask = _block(q0, end, BLOCK_M)
+            q = _load_rows(q_ptr + h * sq_h, rows, row_mask, sq_t, HEAD_DIM, D_PAD)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                cols, col_mask = _block(n0, end, BLOCK_N)
+                k = _load_rows(k_ptr + h * sk_h, cols, col_mask, sk_t, HEAD_DIM, D_PAD)
+                s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), LOW_PRECISION, q_ptr)
+                s = tl.where(col_mask[None, :], s * qk_scale_log2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = _load_rows(v_ptr + h * sv_h, cols, col_mask, sv_t, HEAD_DIM, D_PAD)
+                acc = _dot(p, v, acc * alpha[:, None], LOW_PRECISION, q_ptr)
+                m_i = m_new
+            _store_rows(out_ptr + h * so_h, rows, row_mask, so_t, acc / l_i[:, None], HEAD_DIM, D_PAD)
+            # natural-log LSE of the scaled scores (m_i, log2 l_i are in log2 units)
+            tl.store(lse_ptr + h.to(tl.int64) * T + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
+                     mask=row_mask)
 
 
 @triton.jit
-def varlen_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, so_t, so_h, sg_t, sg_h, T,
+def varlen_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, so_t, so_h, sg_t, sg_h, T, n_heads, row_blocks, n_work,
                             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (fp32)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
-    d = tl.arange(0, D_PAD)
-    mask = (rows < T)[:, None] & (d < HEAD_DIM)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    o = tl.load(out_ptr + h * so_h + r64 * so_t + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(dout_ptr + h * sg_h + r64 * sg_t + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + h * T + rows, tl.sum(o * g, 1), mask=rows < T)
+    for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
+        block, h, _ = work_item(w, row_blocks, n_heads)
+        rows = block * BLOCK + tl.arange(0, BLOCK)
+        row_mask = rows < T
+        o, g = _load_two(out_ptr, so_t, so_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
+        tl.store(delta_ptr + h.to(tl.int64) * T + rows, tl.sum(o.to(tl.float32) * g.to(tl.float32), 1),
+                 mask=row_mask)
 
 
 @triton.jit
 def varlen_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    cu_seqlens_ptr, inv_freq_ptr, grids_ptr, coord_transform_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sdk_t, sdk_h, sdv_t, sdv_h,
-    T, num_prefix_tokens, transform_stride, softmax_scale, qk_scale_log2,
-    ROPE: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    T, n_heads, tiles_per_segment, n_work, softmax_scale, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    seg = tl.program_id(2)
-    start, end, hp, wp, t_row = _segment(cu_seqlens_ptr, grids_ptr, coord_transform_ptr, seg,
-                                         transform_stride, ROPE)
-    n0 = start + pid_n * BLOCK_N
-    if n0 >= end:
-        return
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_mask = cols < end
-    k1, k2 = _load_halves(k_ptr + h * sk_h, cols, col_mask, sk_t, start, num_prefix_tokens, hp, wp, t_row,
-                          inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-    v1, v2 = _load_halves(v_ptr + h * sv_h, cols, col_mask, sv_t, start, 0, hp, wp, t_row, inv_freq_ptr,
-                          False, False, HEAD_DIM, HALF_PAD)
-    dk1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
-    dv1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
-    dv2 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < end
-        q1, q2 = _load_halves(q_ptr + h * sq_h, rows, row_mask, sq_t, start, num_prefix_tokens, hp, wp, t_row,
-                              inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-        g1, g2 = _load_halves(dout_ptr + h * sg_h, rows, row_mask, sg_t, start, 0, hp, wp, t_row, inv_freq_ptr,
-                              False, False, HEAD_DIM, HALF_PAD)
-        lse2 = tl.load(lse_ptr + h * T + rows, mask=row_mask, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + h * T + rows, mask=row_mask, other=0.0)
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, q_ptr)
-        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, q_ptr)
-        valid = row_mask[:, None] & col_mask[None, :]
-        p = tl.where(valid, tl.math.exp2(s * qk_scale_log2 - lse2[:, None]), 0.0)
-        pt = tl.trans(p)
-        dv1 = _dot(pt, g1, dv1, LOW_PRECISION, q_ptr)
-        dv2 = _dot(pt, g2, dv2, LOW_PRECISION, q_ptr)
-        dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        dp = _dot(g1, tl.trans(v1), dp, LOW_PRECISION, q_ptr)
-        dp = _dot(g2, tl.trans(v2), dp, LOW_PRECISION, q_ptr)
-        dst = tl.trans(p * (dp - delta[:, None]))
-        dk1 = _dot(dst, q1, dk1, LOW_PRECISION, q_ptr)
-        dk2 = _dot(dst, q2, dk2, LOW_PRECISION, q_ptr)
-    _store_halves(dk_ptr + h * sdk_h, cols, col_mask, sdk_t, dk1 * softmax_scale, dk2 * softmax_scale, start,
-                  num_prefix_tokens, hp, wp, t_row, inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-    _store_halves(dv_ptr + h * sdv_h, cols, col_mask, sdv_t, dv1, dv2, start, 0, hp, wp, t_row, inv_freq_ptr,
-                  False, False, HEAD_DIM, HALF_PAD)
+    for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
+        n0, h, start, end = _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK_N)
+        if n0 < end:
+            cols, col_mask = _block(n0, end, BLOCK_N)
+            k, v = _load_two(k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, h, cols, col_mask, HEAD_DIM, D_PAD)
+            dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+            dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+            for m0 in range(start, end, BLOCK_M):
+                rows, row_mask = _block(m0, end, BLOCK_M)
+                q, g = _load_two(q_ptr, sq_t, sq_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
+                lse2, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
+                p, ds = _probs_and_dscores(q, k, v, g, lse2, delta, row_mask[:, None] & col_mask[None, :],
+                                           qk_scale_log2, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
+                dv = _dot(tl.trans(p), g, dv, LOW_PRECISION, q_ptr)
+                dk = _dot(tl.trans(ds), q, dk, LOW_PRECISION, q_ptr)
+            _store_rows(dk_ptr + h * sdk_h, cols, col_mask, sdk_t, dk * softmax_scale, HEAD_DIM, D_PAD)
+            _store_rows(dv_ptr + h * sdv_h, cols, col_mask, sdv_t, dv, HEAD_DIM, D_PAD)
 
 
 @triton.jit
 def varlen_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
-    cu_seqlens_ptr, inv_freq_ptr, grids_ptr, coord_transform_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sdq_t, sdq_h,
-    T, num_prefix_tokens, transform_stride, softmax_scale, qk_scale_log2,
-    ROPE: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    T, n_heads, tiles_per_segment, n_work, softmax_scale, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    seg = tl.program_id(2)
-    start, end, hp, wp, t_row = _segment(cu_seqlens_ptr, grids_ptr, coord_transform_ptr, seg,
-                                         transform_stride, ROPE)
-    m0 = start + pid_m * BLOCK_M
-    if m0 >= end:
-        return
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < end
-    q1, q2 = _load_halves(q_ptr + h * sq_h, rows, row_mask, sq_t, start, num_prefix_tokens, hp, wp, t_row,
-                          inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-    g1, g2 = _load_halves(dout_ptr + h * sg_h, rows, row_mask, sg_t, start, 0, hp, wp, t_row, inv_freq_ptr,
-                          False, False, HEAD_DIM, HALF_PAD)
-    lse2 = tl.load(lse_ptr + h * T + rows, mask=row_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_ptr + h * T + rows, mask=row_mask, other=0.0)
-    dq1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < end
-        k1, k2 = _load_halves(k_ptr + h * sk_h, cols, col_mask, sk_t, start, num_prefix_tokens, hp, wp, t_row,
-                              inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
-        v1, v2 = _load_halves(v_ptr + h * sv_h, cols, col_mask, sv_t, start, 0, hp, wp, t_row, inv_freq_ptr,
-                              False, False, HEAD_DIM, HALF_PAD)
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q1, tl.trans(k1), s, LOW_PRECISION, q_ptr)
-        s = _dot(q2, tl.trans(k2), s, LOW_PRECISION, q_ptr)
-        valid = row_mask[:, None] & col_mask[None, :]
-        p = tl.where(valid, tl.math.exp2(s * qk_scale_log2 - lse2[:, None]), 0.0)
-        dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        dp = _dot(g1, tl.trans(v1), dp, LOW_PRECISION, q_ptr)
-        dp = _dot(g2, tl.trans(v2), dp, LOW_PRECISION, q_ptr)
-        ds = p * (dp - delta[:, None])
-        dq1 = _dot(ds, k1, dq1, LOW_PRECISION, q_ptr)
-        dq2 = _dot(ds, k2, dq2, LOW_PRECISION, q_ptr)
-    _store_halves(dq_ptr + h * sdq_h, rows, row_mask, sdq_t, dq1 * softmax_scale, dq2 * softmax_scale, start,
-                  num_prefix_tokens, hp, wp, t_row, inv_freq_ptr, ROPE, HAS_TRANSFORM, HEAD_DIM, HALF_PAD)
+    for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
+        m0, h, start, end = _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK_M)
+        if m0 < end:
+            rows, row_mask = _block(m0, end, BLOCK_M)
+            q, g = _load_two(q_ptr, sq_t, sq_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
+            lse2, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
+            dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                cols, col_mask = _block(n0, end, BLOCK_N)
+                k, v = _load_two(k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, h, cols, col_mask, HEAD_DIM, D_PAD)
+                _, ds = _probs_and_dscores(q, k, v, g, lse2, delta, row_mask[:, None] & col_mask[None, :],
+                                           qk_scale_log2, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
+                dq = _dot(ds, k, dq, LOW_PRECISION, q_ptr)
+            _store_rows(dq_ptr + h * sdq_h, rows, row_mask, sdq_t, dq * softmax_scale, HEAD_DIM, D_PAD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,52 +208,75 @@ def low_precision_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and not triton_interpreted()
 
 
-def forward_config(head_dim: int, interpreted: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
-    if triton_interpreted() if interpreted is None else interpreted:  # AOT builds pass False
+# fp32 inputs multiply on CUDA cores (exact fp32 dots): small tiles, or ptxas spills.
+FP32_CONFIG = (16, 16, 4, 1)
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, interpreted: Optional[bool] = None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel (spill-free on sm_80/sm_90:
+    tests/test_aot.py)."""
+    if triton_interpreted() if interpreted is None else interpreted:
         return 16, 16, 1, 1
-    # BLOCK_M 64 per 4-warp group: with the fused RoPE prologue, 128-row tiles spill (ptxas, sm_80/90)
+    if dtype == torch.float32:
+        return FP32_CONFIG
     if head_dim <= 64:
-        return 64, 64, 4, 3
-    return 64, 64, 8, 2
+        return 128, 64, 8, 3
+    return 128, 32, 8, 1  # 64-key tiles (or 2 stages) spill at D 80 on sm_80
 
 
-def backward_config(head_dim: int, interpreted: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV and dQ kernels."""
-    if triton_interpreted() if interpreted is None else interpreted:  # AOT builds pass False
-        return 16, 16, 1, 1
-    if head_dim <= 64:
-        return 64, 64, 4, 2
-    return 64, 64, 8, 1
+def backward_config(head_dim: int, dtype: torch.dtype, interpreted: Optional[bool] = None):
+    """{"dkdv": ..., "dq": ...}: (BLOCK_M, BLOCK_N, num_warps, num_stages) of each backward kernel.
+    dK/dV holds two [BLOCK_N, D] fp32 accumulators: 32-row query steps keep it spill-free."""
+    if triton_interpreted() if interpreted is None else interpreted:
+        return dict(dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1))
+    if dtype == torch.float32:
+        return dict(dkdv=FP32_CONFIG, dq=FP32_CONFIG)
+    return dict(dkdv=(32, 64, 8, 1), dq=(64, 64, 4, 2) if head_dim <= 64 else (64, 64, 8, 1))
 
 
-def half_pad(head_dim: int) -> int:
-    """Padded width of a half head row: a power of 2, at least 16 (the smallest tl.dot K)."""
-    return max(16, triton.next_power_of_2(head_dim // 2))
+DELTA_BLOCK, DELTA_BLOCK_INTERPRETED = 64, 16
 
 
-def _rope_args(rope, dummy):
-    if rope is None:
-        return dummy, dummy, dummy, 0, 0, False, False
-    ct = rope.coord_transform
-    stride = 4 if (ct is not None and ct.numel() > 4) else 0
-    return (rope.freqs, rope.grids, ct if ct is not None else dummy, rope.num_prefix_tokens, stride, True,
-            ct is not None)
+def d_pad(head_dim: int) -> int:
+    """Padded head row width: a power of 2, at least 16 (the smallest tl.dot K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tiles(max_seqlen: int, T: int, block: int) -> int:
+    """Blocks per segment: no segment is longer than T, whatever max_seqlen says."""
+    return triton.cdiv(max(min(max_seqlen, T), 1), block)
+
+
+def _rotated(q, k, cu_seqlens, max_seqlen, rope, inverse, dtype):
+    """(q, k) rotated by rope (by -angle when inverse) into new [T, H, D] buffers of `dtype`."""
+    q_rot = torch.empty(q.shape, dtype=dtype, device=q.device)
+    k_rot = torch.empty(k.shape, dtype=dtype, device=k.device)
+    _rope2d.rope2d(q.unsqueeze(0), k.unsqueeze(0), q_rot.unsqueeze(0), k_rot.unsqueeze(0), rope.freqs,
+                   cu_seqlens, rope.grids, (1, 1), rope.coord_transform, rope.num_prefix_tokens, inverse,
+                   min(max_seqlen, q.shape[0]))
+    return q_rot, k_rot
+
+
+def _unrotate_into(dq_rot, dk_rot, dq, dk, cu_seqlens, max_seqlen, rope) -> None:
+    """dq, dk = the adjoint (inverse) rotation of fp32 dq_rot, dk_rot, rounded once to dq's dtype."""
+    _rope2d.rope2d(dq_rot.unsqueeze(0), dk_rot.unsqueeze(0), dq.unsqueeze(0), dk.unsqueeze(0), rope.freqs,
+                   cu_seqlens, rope.grids, (1, 1), rope.coord_transform, rope.num_prefix_tokens, True,
+                   min(max_seqlen, dq.shape[0]))
 
 
 def forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale, rope) -> None:
     """Write out [T, H, D] and lse float32 [H, T]."""
     T, H, D = q.shape
-    n = cu_seqlens.numel() - 1
-    block_m, block_n, num_warps, num_stages = forward_config(D)
-    freqs, grids, ct, P, t_stride, has_rope, has_t = _rope_args(rope, lse)
-    grid = (triton.cdiv(max(max_seqlen, 1), block_m), H, n)
-    varlen_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, freqs, grids, ct,
+    if rope is not None:
+        q, k = _rotated(q, k, cu_seqlens, max_seqlen, rope, False, q.dtype)
+    block_m, block_n, num_warps, num_stages = forward_config(D, q.dtype)
+    tiles = _tiles(max_seqlen, T, block_m)
+    n_work = tiles * H * (cu_seqlens.numel() - 1)
+    varlen_fwd_kernel[work_grid(n_work)](
+        q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        T, P, t_stride, scale * LOG2E,
-        ROPE=has_rope, HAS_TRANSFORM=has_t, HEAD_DIM=D, HALF_PAD=half_pad(D),
-        BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
+        T, H, tiles, n_work, scale * LOG2E,
+        HEAD_DIM=D, D_PAD=d_pad(D), BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -332,22 +286,28 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, scale,
     T, H, D = q.shape
     n = cu_seqlens.numel() - 1
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
-    block = 64 if not triton_interpreted() else 16
-    varlen_bwd_delta_kernel[(triton.cdiv(T, block), H)](
-        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), T,
-        HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), BLOCK=block)
-    block_m, block_n, num_warps, num_stages = backward_config(D)
-    freqs, grids, ct, P, t_stride, has_rope, has_t = _rope_args(rope, lse)
-    common = dict(ROPE=has_rope, HAS_TRANSFORM=has_t, HEAD_DIM=D, HALF_PAD=half_pad(D),
-                  BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
-                  num_warps=num_warps, num_stages=num_stages)
+    block = DELTA_BLOCK_INTERPRETED if triton_interpreted() else DELTA_BLOCK
+    row_blocks = triton.cdiv(T, block)
+    varlen_bwd_delta_kernel[work_grid(row_blocks * H)](
+        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), T, H, row_blocks,
+        row_blocks * H, HEAD_DIM=D, D_PAD=d_pad(D), BLOCK=block)
+    dq_out, dk_out = dq, dk
+    if rope is not None:  # gradients of the rotated q, k in fp32, rotated back once at the end
+        q, k = _rotated(q, k, cu_seqlens, max_seqlen, rope, False, q.dtype)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    config = backward_config(D, q.dtype)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
-    varlen_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), block_n), H, n)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, freqs, grids, ct,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        T, P, t_stride, scale, scale * LOG2E, **common)
-    varlen_bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), block_m), H, n)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens, freqs, grids, ct,
-        *strides, dq.stride(0), dq.stride(1),
-        T, P, t_stride, scale, scale * LOG2E, **common)
+    for kernel, (block_m, block_n, num_warps, num_stages), block, grads in (
+            (varlen_bwd_dkdv_kernel, config["dkdv"], 1, (dk, dv)), (varlen_bwd_dq_kernel, config["dq"], 0, (dq,))):
+        tiles = _tiles(max_seqlen, T, (block_m, block_n)[block])  # dK/dV: key blocks; dQ: query blocks
+        n_work = tiles * H * n
+        kernel[work_grid(n_work)](
+            q, k, v, dout, lse, delta, *grads, cu_seqlens,
+            *strides, *(s for g in grads for s in (g.stride(0), g.stride(1))),
+            T, H, tiles, n_work, scale, scale * LOG2E,
+            HEAD_DIM=D, D_PAD=d_pad(D), BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
+            num_warps=num_warps, num_stages=num_stages)
+    if rope is not None:
+        _unrotate_into(dq, dk, dq_out, dk_out, cu_seqlens, max_seqlen, rope)

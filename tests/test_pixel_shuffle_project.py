@@ -1,5 +1,5 @@
-"""pixel_shuffle_project: every kernel backend against the reference; the reference against the spec's
-index map and nanoVLM's formula; gradients, module, torch.compile, bad input, AOT GPU compile."""
+"""pixel_shuffle_project: every backend against the reference; the reference against the spec's
+index map and nanoVLM's formula; gradients, module, torch.compile, bad input."""
 import math
 
 import pytest
@@ -483,57 +483,3 @@ def test_cpp_checks_its_inputs():
     with pytest.raises(RuntimeError, match=r"N: expected num_prefix_tokens \+ Hp\*Wp = 4611686018427387909"):
         op(x, torch.randn(12, 8), None, y, None, None, None, 2**31, 2**31, 1, 5)
 
-
-# ---------------------------------------------------------------------------------------------
-# the Triton kernels compile for real GPUs (no GPU needed): no spills, wgmma on sm_90
-# ---------------------------------------------------------------------------------------------
-# (capability, dtype, kernel, packed): forward, grad_x and grad_weight at their DEFAULT_* tiles
-AOT_CONFIGS = [(cap, dtype, kernel, packed) for cap in (80, 90) for dtype in ("float16", "bfloat16")
-               for kernel in ("fwd", "dx", "dw") for packed in (False, True)]
-
-
-@pytest.fixture(scope="module")
-def aot_pixel_shuffle_project():
-    """Every config compiled once, in one subprocess (see tests/aot.py)."""
-    from dinofast.kernels import pixel_shuffle_project as K
-    from tests.aot import TRITON_DTYPE, compile_specs
-
-    kernels = {
-        "fwd": ("pixel_shuffle_project_fwd_kernel", ("x_ptr", "w_ptr", "bias_ptr", "y_ptr"), K.DEFAULT_FWD,
-                dict(HAS_BIAS=True)),
-        "dx": ("pixel_shuffle_project_bwd_dx_kernel", ("dy_ptr", "w_ptr", "dx_ptr"), K.DEFAULT_DX, {}),
-        "dw": ("pixel_shuffle_project_bwd_dw_kernel", ("dy_ptr", "x_ptr", "dw_ptr"), K.DEFAULT_DW, {}),
-    }
-    specs = []
-    for cap, dtype, name, packed in AOT_CONFIGS:
-        kernel, tensors, cfg, extra = kernels[name]
-        cfg = dict(cfg)
-        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        arg_names = getattr(K, kernel).arg_names
-        specs.append(dict(
-            module="dinofast.kernels.pixel_shuffle_project", kernel=kernel, capability=cap, num_warps=num_warps,
-            num_stages=num_stages, name=f"{kernel}[{dtype}, packed={packed}]",
-            pointers={**{t: "*" + TRITON_DTYPE[dtype] for t in tensors},
-                      "cu_ptr": "*i32", "grids_ptr": "*i32", "out_cu_ptr": "*i32"},
-            constexprs=dict(PACKED=packed, UPCAST=False, INPUT_PRECISION="tf32", **extra, **cfg),
-            # as a launch specialises them: aligned pointers; strides and D (384..1280) multiples of 16
-            divisible_by_16=[a for a in arg_names if a.endswith("_ptr") or a.startswith("stride") or a == "D"]))
-    return dict(zip(AOT_CONFIGS, compile_specs(specs)))
-
-
-@pytest.mark.parametrize("config", AOT_CONFIGS,
-                         ids=lambda c: f"sm{c[0]}-{c[1]}-{c[2]}-{'packed' if c[3] else 'batched'}")
-def test_aot_compile(aot_pixel_shuffle_project, config):
-    """No register spills, shared memory within the GPU's limit, tensor-core MMAs: mma.sync on
-    sm_80, wgmma on sm_90 (the sm_90 bf16 forward in particular)."""
-    from tests.aot import SHARED_MEMORY_LIMIT
-
-    k = aot_pixel_shuffle_project[config]
-    print(k.summary())
-    assert k.spill_stores == 0 and k.spill_loads == 0, k.summary()
-    assert k.shared <= SHARED_MEMORY_LIMIT[k.capability], k.summary()
-    assert f".target sm_{k.capability}" in k.ptx
-    if k.capability == 90:
-        assert "wgmma" in k.ptx, f"{k.summary()}: expected wgmma on sm_90"
-    else:
-        assert "mma.sync" in k.ptx, f"{k.summary()}: expected mma.sync on sm_80"

@@ -1,4 +1,4 @@
-"""rope2d: every kernel backend against the reference; the reference against transformers."""
+"""rope2d: every backend against the reference; the reference against transformers."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -472,45 +472,6 @@ def test_cpp_checks_its_inputs():
         op(q, q, q.clone(), q.clone(), freqs, torch.tensor([0, 3, 7], dtype=torch.int32),
            torch.tensor([[1, 2], [1, 2]], dtype=torch.int32), 0, 0, None, 2, False)
 
-
-# ---------------------------------------------------------------------------------------------
-# GPU readiness without a GPU: AOT compile for A100 (sm_80) and H100 (sm_90)
-# ---------------------------------------------------------------------------------------------
-# packed (with a coord transform) is the superset path; batched is compiled in bf16 too.
-AOT_CONFIGS = [(cap, dtype, D, packed) for cap in (80, 90) for dtype in ("float32", "float16", "bfloat16")
-               for D in (64, 128) for packed in (False, True) if packed or dtype == "bfloat16"]
-
-
-@pytest.fixture(scope="module")
-def aot_rope2d():
-    """Every config compiled once, in one subprocess (see tests/aot.py)."""
-    from dinofast.kernels.rope2d import launch_config
-    from tests.aot import TRITON_DTYPE, compile_specs
-
-    specs = []
-    for cap, dtype, D, packed in AOT_CONFIGS:
-        half_pad, block_t, heads_per_prog, num_warps = launch_config(D)
-        t = "*" + TRITON_DTYPE[dtype]
-        specs.append(dict(
-            module="dinofast.kernels.rope2d", kernel="rope2d_kernel", capability=cap, num_warps=num_warps,
-            name=f"rope2d_kernel[{dtype}, D={D}, packed={packed}]",
-            pointers=dict(q_in=t, k_in=t, q_out=t, k_out=t, inv_freq_ptr="*fp32", cu_seqlens_ptr="*i32",
-                          grids_ptr="*i32", coord_transform_ptr="*fp32"),
-            constexprs=dict(PACKED=packed, HAS_TRANSFORM=packed, INVERSE=False, HEAD_DIM=D, HALF_PAD=half_pad,
-                            BLOCK_T=block_t, HEADS_PER_PROG=heads_per_prog)))
-    return dict(zip(AOT_CONFIGS, compile_specs(specs)))
-
-
-@pytest.mark.parametrize("config", AOT_CONFIGS, ids=lambda c: f"sm{c[0]}-{c[1]}-D{c[2]}-{'packed' if c[3] else 'batched'}")
-def test_aot_compile(aot_rope2d, config):
-    from tests.aot import SHARED_MEMORY_LIMIT
-
-    k = aot_rope2d[config]
-    print(k.summary())
-    assert k.shared <= SHARED_MEMORY_LIMIT[k.capability]
-    assert k.spill_stores == 0 and k.spill_loads == 0, k.summary()
-    assert f".target sm_{k.capability}" in k.ptx
-    assert "cos.approx" not in k.ptx and "sin.approx" not in k.ptx, "angles need accurate sin/cos"
 
 
 def test_cached_frequencies_from_inference_mode_serve_autograd():

@@ -1,5 +1,6 @@
 """varlen_attention: every backend against the reference and against dense masked SDPA; fused RoPE
-against rope2d + attention; gradients; torch.compile; bad input; Triton AOT compile for real GPUs."""
+against rope2d + attention; gradients; torch.compile; bad input; launch grids within CUDA limits."""
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -505,49 +506,48 @@ def test_cpp_checks_its_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton for real GPUs: AOT compile for sm_80 / sm_90 (no GPU needed)
+# launch grids: any pack stays within CUDA's grid limits; shapes crossing the GPU tile sizes
 # ---------------------------------------------------------------------------------------------
-AOT_KERNELS = ["varlen_fwd_kernel", "varlen_bwd_dkdv_kernel", "varlen_bwd_dq_kernel"]
-AOT_VARIANTS = [(kn, cap, D, dt) for kn in AOT_KERNELS for cap in (80, 90) for D in (64, 128)
-                for dt in ("float16", "bfloat16")]
-
-
-@pytest.fixture(scope="module")
-def aot_results():
-    """Every variant compiled once, in one subprocess (see tests/aot.py); RoPE and a coord
-    transform on: the superset path."""
+def test_work_grid_within_cuda_limits():
+    """The numbering of (tile, head, segment) items for huge packs: 70,000 segments, max_seqlen far
+    past T, many heads. The grid has one axis of at most 2^31 - 1 programs, and the item -> (tile,
+    head, segment) map (kernels/rope2d.py: work_item) is a bijection onto every item."""
+    from dinofast.kernels import rope2d as R
     from dinofast.kernels import varlen_attention as K
-    from tests.aot import TRITON_DTYPE, compile_specs
 
-    specs = []
-    for kernel_name, cap, D, dtype in AOT_VARIANTS:
-        t = "*" + TRITON_DTYPE[dtype]
-        f32 = {"lse_ptr", "delta_ptr", "inv_freq_ptr", "coord_transform_ptr"}
-        i32 = {"cu_seqlens_ptr", "grids_ptr"}
-        arg_names = getattr(K, kernel_name).arg_names
-        pointers = {a: ("*fp32" if a in f32 else "*i32" if a in i32 else t) for a in arg_names if a.endswith("_ptr")}
-        pointers.update(qk_scale_log2="fp32", softmax_scale="fp32")
-        fwd = kernel_name == "varlen_fwd_kernel"
-        block_m, block_n, num_warps, num_stages = (K.forward_config if fwd else K.backward_config)(D, interpreted=False)
-        specs.append(dict(
-            module="dinofast.kernels.varlen_attention", kernel=kernel_name, capability=cap, num_warps=num_warps,
-            num_stages=num_stages, name=f"{kernel_name}[{dtype}, D={D}]", pointers=pointers,
-            constexprs=dict(ROPE=True, HAS_TRANSFORM=True, HEAD_DIM=D, HALF_PAD=K.half_pad(D), BLOCK_M=block_m,
-                            BLOCK_N=block_n, LOW_PRECISION=True)))
-    return dict(zip(AOT_VARIANTS, compile_specs(specs)))
+    for n_segments, max_seqlen, T, H in [(70_000, 2**31 - 1, 70_000, 16), (70_000, 1, 70_000, 16),
+                                         (3, 2**30, 2**30, 64), (1_000_000, 300, 2**31 - 1, 1024)]:
+        for block in (16, 64, 128):
+            tiles = K._tiles(max_seqlen, T, block)
+            n_work = tiles * H * n_segments
+            grid = R.work_grid(n_work)
+            assert len(grid) == 1 and 1 <= grid[0] <= 2**31 - 1
+            assert tiles * block >= min(max_seqlen, T)  # every row of the longest possible segment
+            w = torch.tensor([0, n_work // 3, n_work - 1], dtype=torch.int64)
+            rest = w // tiles  # work_item, evaluated in int64 as the kernels do for huge counts
+            tile, h, seg = w - rest * tiles, rest % H, rest // H
+            assert ((tile >= 0) & (tile < tiles) & (h >= 0) & (h < H) & (seg >= 0) & (seg < n_segments)).all()
+            assert torch.equal((seg * H + h) * tiles + tile, w)
 
 
-@pytest.mark.parametrize("variant", AOT_VARIANTS, ids=[f"{k.split('_', 1)[1]}-sm{c}-D{d}-{t}" for k, c, d, t in AOT_VARIANTS])
-def test_aot_compile(aot_results, variant):
-    from tests.aot import SHARED_MEMORY_LIMIT
+@pytest.mark.parametrize("grid_x_limit", [None, 7])
+def test_tiles_cross_gpu_block_sizes(backend_name, monkeypatch, grid_x_limit):
+    """Shapes past the GPU tiles (128-row query blocks, 64-row key blocks): a segment of several
+    query blocks, 9 packed images, more heads than one rope2d program handles (4); with the grid
+    capped at 7 programs, each program loops over many work items."""
+    if backend_name != "triton" and grid_x_limit is not None:
+        pytest.skip(reason="grid_x_limit: the grid cap is a triton launch detail")
+    if grid_x_limit is not None:
+        from dinofast.kernels import rope2d as R
 
-    c = aot_results[variant]
-    print(c.summary())
-    assert c.shared <= SHARED_MEMORY_LIMIT[c.capability], c.summary()
-    assert f".target sm_{c.capability}" in c.ptx
-    if variant[0] == "varlen_fwd_kernel":
-        assert c.spill_stores == 0 and c.spill_loads == 0, c.summary()
-        if c.capability == 90:
-            assert "wgmma" in c.ptx, "the sm_90 forward must use wgmma tensor-core instructions: " + c.summary()
-        else:
-            assert "mma.sync" in c.ptx, c.summary()
+        monkeypatch.setattr(R, "MAX_GRID_X", grid_x_limit)
+    grids = [(1, 1), (2, 3), (1, 4), (3, 1), (2, 2), (1, 2), (5, 3), (1, 1), (14, 10)]  # last: 141 tokens
+    q, k, v, cu, spec, max_len = rope_case(grids, 1, 5, 64, seed=21)
+    grad_out = randn(*q.shape, seed=22)
+    got = _grads(lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, max_len + 3, rope=spec), (q, k, v),
+                 grad_out)
+    want = _grads(lambda a, b, c: varlen_attention_reference(a, b, c, cu, rope=spec)[0], (q, k, v), grad_out)
+    out = dinofast.varlen_attention(q, k, v, cu, max_len + 3, rope=spec)
+    assert_close(out, rope2d_then_attention(q, k, v, cu, spec))
+    for g, w in zip(got, want):
+        assert_close(g, w, scale=2.0)

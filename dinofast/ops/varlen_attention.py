@@ -6,7 +6,8 @@ Backends (one implementation each, same semantics):
   cpp        csrc/varlen_attention_cpu.cpp             cuda    csrc/varlen_attention_cuda.cu
 Every backend receives q, k, v, out as [T, H, D] views with unit stride on D (any T/H strides),
 cu_seqlens int32 [n+1] on their device, lse as contiguous float32 [H, T], and `rope`: None or a
-RopeArgs whose rotation it applies to q and k as they are loaded (never writing rotated copies).
+RopeArgs whose rotation it applies to q and k (cpp/cuda as the tiles are loaded; triton by one
+rope2d pass into scratch buffers before its plain kernels).
 """
 from __future__ import annotations
 
@@ -297,8 +298,8 @@ def varlen_attention(
           they can. rope.grids given as a host list is a layout too.
     softmax_scale: default D**-0.5.
     rope: dinofast.RopeSpec(grids int32 [n, 2] or list of (Hp, Wp), num_prefix_tokens, theta, periods,
-          coord_transform): q and k are rotated by DINOv3's 2D RoPE as they are loaded; equal to
-          dinofast.rope2d followed by attention, with no rotated copy in memory.
+          coord_transform): q and k are rotated by DINOv3's 2D RoPE; equal to dinofast.rope2d
+          followed by attention.
     Returns [T, H, D] in q's dtype. Softmax statistics in fp32; the fp32 log-sum-exp [H, T] is saved
     for the backward.
     """
