@@ -59,13 +59,17 @@ def rope_cos_sin(pos, hp, wp, t_row, inv_freq_ptr,
 
 
 @triton.jit
-def _rotate_head(src, dst, cos, sin, mask, HALF: tl.constexpr):
+def _rotate_head(src, dst, cos, sin, is_patch, mask, HALF: tl.constexpr):
     """One head of a [BLOCK_T, D] tile: channel d pairs with d + D/2; both are read before either
-    is written, so dst may alias src (in-place rope2d_)."""
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
+    is written, so dst may alias src (in-place rope2d_). Rows where is_patch is False (prefix
+    tokens) are stored as loaded: no arithmetic, so an Inf stays Inf (Inf * 0 would be NaN)."""
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    y1 = x1.to(tl.float32) * cos - x2.to(tl.float32) * sin
+    y2 = x2.to(tl.float32) * cos + x1.to(tl.float32) * sin
+    keep = is_patch[:, None]
+    tl.store(dst, tl.where(keep, y1.to(dst.dtype.element_ty), x1), mask=mask)
+    tl.store(dst + HALF, tl.where(keep, y2.to(dst.dtype.element_ty), x2), mask=mask)
 
 
 @triton.jit
@@ -109,13 +113,14 @@ def rope2d_kernel(
         d_mask = d < 2 * QUARTER
         mask = tok_mask[:, None] & d_mask[None, :]
         tok64 = tok.to(tl.int64)[:, None]
+        is_patch = tok - start >= num_prefix_tokens
         for hh in range(HEADS_PER_PROG):
             h = pid_h * HEADS_PER_PROG + hh
             hmask = mask & ((d * 0 + h) < n_heads)[None, :]  # vector compare: the interpreter rejects scalar-bool masks
             _rotate_head(q_in + b * sqi_b + tok64 * sqi_t + h * sqi_h + d[None, :],
-                         q_out + b * sqo_b + tok64 * sqo_t + h * sqo_h + d[None, :], cos, sin, hmask, 2 * QUARTER)
+                         q_out + b * sqo_b + tok64 * sqo_t + h * sqo_h + d[None, :], cos, sin, is_patch, hmask, 2 * QUARTER)
             _rotate_head(k_in + b * ski_b + tok64 * ski_t + h * ski_h + d[None, :],
-                         k_out + b * sko_b + tok64 * sko_t + h * sko_h + d[None, :], cos, sin, hmask, 2 * QUARTER)
+                         k_out + b * sko_b + tok64 * sko_t + h * sko_h + d[None, :], cos, sin, is_patch, hmask, 2 * QUARTER)
 
 
 def launch_config(head_dim: int):
