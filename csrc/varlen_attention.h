@@ -1,5 +1,5 @@
 // Varlen attention: argument checks and index math shared by varlen_attention_cpu.cpp (CPU) and
-// varlen_attention_cuda.cpp/.cu (CUDA). Oracle: dinofast/reference/varlen_attention.py.
+// varlen_attention_cuda.cpp + varlen_attention_lse_cuda.cu (CUDA). Oracle: dinofast/reference/varlen_attention.py.
 //
 // Layout: q, k, v, out, grad tensors [T, H, D] with unit stride on D (T/H strides free);
 // lse float32 [H, T] contiguous (natural log of each query row's sum of exp(scaled scores));
@@ -130,7 +130,7 @@ inline Problem check_args(const at::Tensor& q, std::initializer_list<std::pair<c
 }
 
 #ifdef DINOFAST_WITH_CUDA
-// Log-sum-exp layout conversions (varlen_attention_cuda.cu) between the op's lse [H, T] and the
+// Log-sum-exp layout conversions (varlen_attention_lse_cuda.cu) between the op's lse [H, T] and the
 // per-segment padded lse [n, H, L] of ATen's memory-efficient attention (row i of segment s at
 // [s, h, i], any strides). cu_seqlens: int32 [n+1], non-decreasing, within [0, T].
 void lse_padded_to_packed(const at::Tensor& padded, const at::Tensor& cu_seqlens, at::Tensor& lse);

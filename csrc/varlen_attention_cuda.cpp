@@ -8,7 +8,7 @@
 //      - otherwise (fp32, or an older GPU): at::_efficient_attention_forward/_backward (PyTorch's
 //        CUTLASS memory-efficient attention; fp32 runs on tensor cores with 3xTF32 on sm_80+, about
 //        fp32 accuracy at a fraction of the fp16 speed). Its log-sum-exp is padded per segment
-//        [n, H, L]; varlen_attention_cuda.cu converts it.
+//        [n, H, L]; varlen_attention_lse_cuda.cu converts it.
 //   3. Backward: ATen's kernels give dQ, dK of the rotated q, k; the inverse rotation (rope2d with
 //      inverse=true, the rotation's adjoint) turns them into the gradients of the op's q, k.
 //

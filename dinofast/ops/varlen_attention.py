@@ -3,10 +3,11 @@
 
 Backends (one implementation each, same semantics):
   reference  dinofast/reference/varlen_attention.py   triton  kernels/varlen_attention.py
-  cpp        csrc/varlen_attention_cpu.cpp             cuda    csrc/varlen_attention_cuda.cu
+  cpp        csrc/varlen_attention_cpu.cpp             cuda    csrc/varlen_attention_cuda.cpp
 Every backend receives q, k, v, out as [T, H, D] views with unit stride on D (any T/H strides),
 cu_seqlens int32 [n+1] on their device, lse as contiguous float32 [H, T], and `rope`: None or a
-RopeArgs whose rotation it applies to q and k as they are loaded (never writing rotated copies).
+RopeArgs whose rotation it applies to q and k (the cuda backend into rotated scratch copies, which
+it hands to ATen's flash / memory-efficient attention; the others as they load q and k).
 """
 from __future__ import annotations
 
