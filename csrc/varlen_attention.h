@@ -129,6 +129,27 @@ inline Problem check_args(const at::Tensor& q, std::initializer_list<std::pair<c
   return p;
 }
 
+// check_args for the forward op (q, k, v, out) and the backward op (+ grad_out, dq, dk, dv).
+inline Problem check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                              const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                              double softmax_scale, const c10::optional<at::Tensor>& inv_freq,
+                              const c10::optional<at::Tensor>& grids,
+                              const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
+  return check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}}, lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq,
+                    grids, coord_transform, num_prefix_tokens);
+}
+
+inline Problem check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                              const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& cu_seqlens,
+                              int64_t max_seqlen, double softmax_scale, const c10::optional<at::Tensor>& inv_freq,
+                              const c10::optional<at::Tensor>& grids,
+                              const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
+  return check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "grad_out"}, {&dq, "dq"}, {&dk, "dk"},
+                        {&dv, "dv"}},
+                    lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids, coord_transform, num_prefix_tokens);
+}
+
 #ifdef DINOFAST_WITH_CUDA
 // Log-sum-exp layout conversions (varlen_attention_lse_cuda.cu) between the op's lse [H, T] and the
 // per-segment padded lse [n, H, L] of ATen's memory-efficient attention (row i of segment s at

@@ -82,8 +82,8 @@ void varlen_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const a
                                at::Tensor lse, const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale,
                                const c10::optional<at::Tensor>& inv_freq, const c10::optional<at::Tensor>& grids,
                                const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
-  const Problem p = check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}}, lse, cu_seqlens, max_seqlen, softmax_scale,
-                               inv_freq, grids, coord_transform, num_prefix_tokens);
+  const Problem p = check_fwd_args(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids,
+                                   coord_transform, num_prefix_tokens);
   if (p.T == 0 || p.H == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   const Prepared r = prepare(p, q, k, cu_seqlens, inv_freq, grids, coord_transform);
@@ -111,10 +111,8 @@ void varlen_attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, cons
                                const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale,
                                const c10::optional<at::Tensor>& inv_freq, const c10::optional<at::Tensor>& grids,
                                const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
-  const Problem p = check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "grad_out"}, {&dq, "dq"},
-                                   {&dk, "dk"}, {&dv, "dv"}},
-                               lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids, coord_transform,
-                               num_prefix_tokens);
+  const Problem p = check_bwd_args(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, softmax_scale,
+                                   inv_freq, grids, coord_transform, num_prefix_tokens);
   if (p.T == 0 || p.H == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   const Prepared r = prepare(p, q, k, cu_seqlens, inv_freq, grids, coord_transform);
