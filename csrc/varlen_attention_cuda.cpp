@@ -17,7 +17,9 @@
 // outputs into the op's buffers. No host synchronisation: ATen's kernels take max_seqlen as a
 // host integer, which the op already has. cu_seqlens is clamped on the device to a
 // non-decreasing sequence within [0, T], so a bad direct call cannot make a kernel read outside
-// q/k/v; the Python op has already checked it exactly.
+// q/k/v; the Python op has already checked it exactly, and that max_seqlen bounds every segment
+// (ATen's kernels size their grids, and the memory-efficient kernel its lse rows, from it; a
+// device-side check would need a host sync).
 // Argument checks: varlen_attention.h (shared with the CPU kernel).
 #ifdef DINOFAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
