@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, strategies as st
 
 import dinofast
+from dinofast import _backend
 from dinofast.reference.pixel_shuffle_project import (
     pixel_shuffle, pixel_shuffle_project_reference, shuffle_source_rows)
-from dinofast import _backend
 from tests.conftest import DEVICE, assert_close, make_cu_seqlens, randn
 
 # (grid, factor): rectangles for every s in {1, 2, 3, 4}
@@ -195,8 +195,8 @@ def test_small_m_grids_fill_an_h100(M, N, D, s):
         a, b = K.dw_grid(N, D, s, cfg.kwargs)
         rows.append((f"dW  {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}", a * b, 1, a * b))
     print(f"\nM={M} N={N} K={D * s * s}: config, tiles, K splits, CTAs")
-    for row in rows:
-        print("  %-20s %5d %3d %5d" % row)
+    for name, tiles, split, ctas in rows:
+        print(f"  {name:<20} {tiles:5d} {split:3d} {ctas:5d}")
     assert all(ctas >= H100_SMS for *_, ctas in rows), rows
     # before split-K the default forward tile gave 16 CTAs at M=150
     if M == 150:
