@@ -1,6 +1,9 @@
 // Shared by every C++ and CUDA source: host/device qualifiers and input checks.
 #pragma once
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (pybind11, torch/all.h) is left to registration.cpp,
+// which needs it, to keep every other translation unit quick to compile.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #if defined(__CUDACC__)
 #define DF_HD __host__ __device__ __forceinline__

@@ -138,5 +138,13 @@ inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::T
   return g;
 }
 
+#ifdef DINOFAST_WITH_CUDA
+// The CUDA kernel of the rope2d op (rope2d_cuda.cu); varlen attention's CUDA path calls it too.
+void rope2d_cuda(const at::Tensor& q, const at::Tensor& k, at::Tensor q_out, at::Tensor k_out,
+                 const at::Tensor& inv_freq, const c10::optional<at::Tensor>& cu_seqlens,
+                 const c10::optional<at::Tensor>& grids, int64_t hp, int64_t wp,
+                 const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens, bool inverse);
+#endif
+
 }  // namespace rope
 }  // namespace dinofast

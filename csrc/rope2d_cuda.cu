@@ -53,6 +53,8 @@ __global__ void rope2d_cuda_kernel(const scalar_t* __restrict__ qi, const scalar
   }
 }
 
+}  // namespace
+
 void rope2d_cuda(const at::Tensor& q, const at::Tensor& k, at::Tensor q_out, at::Tensor k_out,
                  const at::Tensor& inv_freq, const c10::optional<at::Tensor>& cu_seqlens,
                  const c10::optional<at::Tensor>& grids, int64_t hp, int64_t wp,
@@ -74,8 +76,6 @@ void rope2d_cuda(const at::Tensor& q, const at::Tensor& k, at::Tensor q_out, at:
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(dinofast_C, CUDA, m) { m.impl("rope2d", &rope2d_cuda); }
 

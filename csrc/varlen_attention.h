@@ -1,5 +1,5 @@
 // Varlen attention: argument checks and index math shared by varlen_attention_cpu.cpp (CPU) and
-// varlen_attention_cuda.cu (CUDA). Oracle: dinofast/reference/varlen_attention.py.
+// varlen_attention_cuda.cpp + varlen_attention_lse_cuda.cu (CUDA). Oracle: dinofast/reference/varlen_attention.py.
 //
 // Layout: q, k, v, out, grad tensors [T, H, D] with unit stride on D (T/H strides free);
 // lse float32 [H, T] contiguous (natural log of each query row's sum of exp(scaled scores));
@@ -132,6 +132,35 @@ inline Problem check_args(const at::Tensor& q, std::initializer_list<std::pair<c
   }
   return p;
 }
+
+// check_args for the forward op (q, k, v, out) and the backward op (+ grad_out, dq, dk, dv).
+inline Problem check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                              const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                              double softmax_scale, const c10::optional<at::Tensor>& inv_freq,
+                              const c10::optional<at::Tensor>& grids,
+                              const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
+  return check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}}, lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq,
+                    grids, coord_transform, num_prefix_tokens);
+}
+
+inline Problem check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                              const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& cu_seqlens,
+                              int64_t max_seqlen, double softmax_scale, const c10::optional<at::Tensor>& inv_freq,
+                              const c10::optional<at::Tensor>& grids,
+                              const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
+  return check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "grad_out"}, {&dq, "dq"}, {&dk, "dk"},
+                        {&dv, "dv"}},
+                    lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids, coord_transform, num_prefix_tokens);
+}
+
+#ifdef DINOFAST_WITH_CUDA
+// Log-sum-exp layout conversions (varlen_attention_lse_cuda.cu) between the op's lse [H, T] and the
+// per-segment padded lse [n, H, L] of ATen's memory-efficient attention (row i of segment s at
+// [s, h, i], any strides). cu_seqlens: int32 [n+1], non-decreasing, within [0, T].
+void lse_padded_to_packed(const at::Tensor& padded, const at::Tensor& cu_seqlens, at::Tensor& lse);
+void lse_packed_to_padded(const at::Tensor& lse, const at::Tensor& cu_seqlens, at::Tensor& padded);
+#endif
 
 }  // namespace varlen
 }  // namespace dinofast

@@ -448,8 +448,8 @@ void varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               at::Tensor lse, const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale,
                               const c10::optional<at::Tensor>& inv_freq, const c10::optional<at::Tensor>& grids,
                               const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
-  const Problem p = check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}}, lse, cu_seqlens, max_seqlen, softmax_scale,
-                               inv_freq, grids, coord_transform, num_prefix_tokens);
+  const Problem p = check_fwd_args(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids,
+                                   coord_transform, num_prefix_tokens);
   const RopeInput ri = rope_input(p, inv_freq, grids, coord_transform);
   const auto segs = read_segments(cu_seqlens, p, ri.grids);
   if (p.T == 0 || p.H == 0) return;
@@ -464,10 +464,8 @@ void varlen_attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const
                               const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale,
                               const c10::optional<at::Tensor>& inv_freq, const c10::optional<at::Tensor>& grids,
                               const c10::optional<at::Tensor>& coord_transform, int64_t num_prefix_tokens) {
-  const Problem p = check_args(q, {{&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "grad_out"}, {&dq, "dq"},
-                                   {&dk, "dk"}, {&dv, "dv"}},
-                               lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids, coord_transform,
-                               num_prefix_tokens);
+  const Problem p = check_bwd_args(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, softmax_scale,
+                                   inv_freq, grids, coord_transform, num_prefix_tokens);
   const RopeInput ri = rope_input(p, inv_freq, grids, coord_transform);
   const auto segs = read_segments(cu_seqlens, p, ri.grids);
   if (p.T == 0 || p.H == 0) return;

@@ -12,6 +12,17 @@ the bias is added in the forward epilogue; fp32 inputs are multiplied in full pr
                 (a permutation: every non-prefix x row is written exactly once)
   grad_weight   dW[n, k] = sum_m dy[m, n] A[m, k]
 Packed inputs find each row's image by a binary search over out_cu_seqlens.
+
+Filling the GPU at small M (split-K). A VLM batch may have M = 150..1200 rows for K = 12288 and
+N = 960: 128x128 tiles give 16..80 programs on a 132-SM GPU. When a forward config's tile grid is
+smaller than one wave (the device's SM count), the launcher splits the K loop into `split` chunks
+(grid axis 1; `split_k` below): each program writes its fp32 partial sum to its own slice of a
+workspace [split, M, N], and a second pass sums the slices in a fixed order (torch.sum over axis
+0) and adds the bias. The result is deterministic, run to run, at the cost of the workspace
+(split * M * N * 4 bytes, a few MB at these shapes) and one extra read of it. Atomics into one
+fp32 buffer would save that pass but make the rounding depend on the order programs finish in.
+grad_x and grad_weight need no split: their grids (M tiles x K tiles, N tiles x K tiles) already
+hold hundreds of programs at these shapes.
 """
 from __future__ import annotations
 
@@ -67,14 +78,20 @@ def _slot_of(kt, k_tiles, s, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def pixel_shuffle_project_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, cu_ptr, grids_ptr, out_cu_ptr,
-    M, N_OUT, D, s, P, G, Wp, n_images, search_steps,
+    x_ptr, w_ptr, bias_ptr, y_ptr, ws_ptr, cu_ptr, grids_ptr, out_cu_ptr,
+    M, N_OUT, D, s, P, G, Wp, n_images, search_steps, M_BUCKET,
     stride_xb, stride_xt, stride_wn, stride_ym,
     PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Program (pid, split): output tile pid over K chunk `split` of tl.num_programs(1). One chunk:
+    # the whole K loop, bias added and y written here. Several: the fp32 partial goes to the
+    # workspace ws [splits, M, N_OUT] (contiguous) and the launcher sums the splits.
+    # M_BUCKET only keys the autotuner (next power of two of M, capped).
     # grouped launch order: GROUP_M row tiles share each weight tile while it is in L2
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N_OUT, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -95,7 +112,9 @@ def pixel_shuffle_project_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_tiles = tl.cdiv(D, BLOCK_K)
-    for kt in range(0, s * s * k_tiles):
+    k_iters = s * s * k_tiles
+    chunk = tl.cdiv(k_iters, n_splits)
+    for kt in range(split * chunk, min(k_iters, (split + 1) * chunk)):
         slot, dy, dx, d0 = _slot_of(kt, k_tiles, s, BLOCK_K)
         d = d0 + rk
         d_mask = d < D
@@ -107,10 +126,15 @@ def pixel_shuffle_project_fwd_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if n_splits == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws_rows = (split * M + rm).to(tl.int64) * N_OUT
+        tl.store(ws_ptr + ws_rows[:, None] + rn[None, :], acc, mask=out_mask)
 
 
 @triton.jit
@@ -236,10 +260,59 @@ DW_CONFIGS = [_config(DEFAULT_DW)] + [
     for bm, bn, bk, w, st in [(64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 64, 64, 4, 5)]
 ]
 
-# Tuned per (out width, D, s): the best tile hardly depends on M, and packed batches vary M.
-_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=["N_OUT", "D", "s"])(pixel_shuffle_project_fwd_kernel)
+# Small-M forward tiles: with split-K (split_k) they fill a wave at M = 150..1200, K = 12288.
+FWD_CONFIGS += [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), num_warps=4, num_stages=4),
+]
+
+# The forward is tuned per (bucket of M, out width, D, s): the best tile depends on M through the
+# grid size (whether the programs fill the GPU), and a power-of-two bucket keeps packed batches,
+# whose M changes with every batch, from re-tuning at each new M. dx and dW keep (N_OUT, D, s):
+# their grids have s*s*D/BLOCK_K K tiles on one axis, hundreds of programs at any M.
+_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=["M_BUCKET", "N_OUT", "D", "s"])(
+    pixel_shuffle_project_fwd_kernel)
 _dx_tuned = triton.autotune(configs=DX_CONFIGS, key=["N_OUT", "D", "s"])(pixel_shuffle_project_bwd_dx_kernel)
 _dw_tuned = triton.autotune(configs=DW_CONFIGS, key=["N_OUT", "D", "s"])(pixel_shuffle_project_bwd_dw_kernel)
+
+M_BUCKET_CAP = 4096     # every M above it shares one tuning: the grid fills the GPU anyway
+MAX_SPLIT_K = 32
+MIN_K_ITERS_PER_SPLIT = 4  # each split runs at least this many BLOCK_K iterations
+INTERPRETER_WAVE = 8    # "SM count" under the interpreter: small, so test shapes exercise split-K
+
+
+def m_bucket(M: int) -> int:
+    """Autotune bucket of M: the next power of two (at least 16), capped at M_BUCKET_CAP."""
+    return min(M_BUCKET_CAP, 1 << max(4, (max(M, 1) - 1).bit_length()))
+
+
+def split_k(tiles: int, k_iters: int, wave: int) -> int:
+    """K splits for a forward grid of `tiles` output tiles and `k_iters` BLOCK_K iterations: 1 when
+    the tiles fill a wave of `wave` SMs, else enough splits to fill it, each at least
+    MIN_K_ITERS_PER_SPLIT iterations long, at most MAX_SPLIT_K."""
+    if tiles >= wave:
+        return 1
+    return max(1, min(triton.cdiv(wave, tiles), MAX_SPLIT_K, k_iters // MIN_K_ITERS_PER_SPLIT))
+
+
+def fwd_grid(M: int, N_OUT: int, D: int, s: int, meta: dict, wave: int) -> tuple:
+    """Forward launch grid (output tiles, K splits) for tile sizes `meta` on a GPU of `wave` SMs."""
+    tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N_OUT, meta["BLOCK_N"])
+    return tiles, split_k(tiles, s * s * triton.cdiv(D, meta["BLOCK_K"]), wave)
+
+
+def dx_grid(M: int, D: int, s: int, meta: dict) -> tuple:
+    return triton.cdiv(M, meta["BLOCK_M"]), s * s * triton.cdiv(D, meta["BLOCK_K"])
+
+
+def dw_grid(N_OUT: int, D: int, s: int, meta: dict) -> tuple:
+    return triton.cdiv(N_OUT, meta["BLOCK_N"]), s * s * triton.cdiv(D, meta["BLOCK_K"])
+
+
+def _wave(device: torch.device) -> int:
+    if triton_interpreted():
+        return INTERPRETER_WAVE
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _geometry(x, M, N_OUT, cu_seqlens, grids, out_cu_seqlens, hw, factor, num_prefix_tokens):
@@ -260,16 +333,27 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     """y [M, out] = shuffled(x) @ weight.T (+ bias). x: [B, N, D] view, unit stride on D (packed:
     [1, T, D] with int32 cu_seqlens [n+1], grids [n, 2], out_cu_seqlens [n+1] on x's device)."""
     M, N_OUT = y.shape
+    D, s = x.shape[2], factor
     packed, ptrs, geo = _geometry(x, M, N_OUT, cu_seqlens, grids, out_cu_seqlens, hw, factor, num_prefix_tokens)
-    args = (x, weight, bias if bias is not None else x, y, *ptrs, *geo,
+    wave = _wave(x.device)
+    interp = triton_interpreted()
+    configs = [dict(INTERPRETER, GROUP_M=4)] if interp else [c.kwargs for c in FWD_CONFIGS]
+    # one workspace that fits every candidate config (the autotuner runs them all on these args)
+    splits = max(fwd_grid(M, N_OUT, D, s, c, wave)[1] for c in configs)
+    ws = torch.empty((splits, M, N_OUT) if splits > 1 else (1,), device=y.device, dtype=torch.float32)
+    args = (x, weight, bias if bias is not None else x, y, ws, *ptrs, *geo, m_bucket(M),
             x.stride(0), x.stride(1), weight.stride(0), y.stride(0))
     flags = dict(PACKED=packed, HAS_BIAS=bias is not None, **_dot_flags(x))
-    if triton_interpreted():
-        grid = (triton.cdiv(M, INTERPRETER["BLOCK_M"]) * triton.cdiv(N_OUT, INTERPRETER["BLOCK_N"]),)
-        pixel_shuffle_project_fwd_kernel[grid](*args, **flags, **INTERPRETER, GROUP_M=4)
+    if interp:
+        chosen = configs[0]
+        pixel_shuffle_project_fwd_kernel[fwd_grid(M, N_OUT, D, s, chosen, wave)](*args, **flags, **chosen)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N_OUT, meta["BLOCK_N"]),)  # noqa: E731
-        _fwd_tuned[grid](*args, **flags)
+        _fwd_tuned[lambda meta: fwd_grid(M, N_OUT, D, s, meta, wave)](*args, **flags)
+        chosen = _fwd_tuned.best_config.kwargs  # the config of the launch that just ran
+    used = fwd_grid(M, N_OUT, D, s, chosen, wave)[1]
+    if used > 1:  # the fixed-order sum of the partials (deterministic), then the bias
+        total = ws[:used].sum(0)
+        y.copy_(total.add_(bias) if bias is not None else total)
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x: Optional[torch.Tensor],
@@ -293,8 +377,7 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x
             grid = (triton.cdiv(M, INTERPRETER["BLOCK_M"]), s * s * triton.cdiv(D, INTERPRETER["BLOCK_K"]))
             pixel_shuffle_project_bwd_dx_kernel[grid](*args, **flags, **INTERPRETER)
         else:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), s * s * triton.cdiv(D, meta["BLOCK_K"]))  # noqa: E731
-            _dx_tuned[grid](*args, **flags)
+            _dx_tuned[lambda meta: dx_grid(M, D, s, meta)](*args, **flags)
     if grad_weight is not None:
         args = (grad_y, x, grad_weight, *ptrs, *geo, grad_y.stride(0), x.stride(0), x.stride(1),
                 grad_weight.stride(0))
@@ -302,8 +385,7 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x
             grid = (triton.cdiv(N_OUT, INTERPRETER["BLOCK_N"]), s * s * triton.cdiv(D, INTERPRETER["BLOCK_K"]))
             pixel_shuffle_project_bwd_dw_kernel[grid](*args, **flags, **INTERPRETER)
         else:
-            grid = lambda meta: (triton.cdiv(N_OUT, meta["BLOCK_N"]), s * s * triton.cdiv(D, meta["BLOCK_K"]))  # noqa: E731
-            _dw_tuned[grid](*args, **flags)
+            _dw_tuned[lambda meta: dw_grid(N_OUT, D, s, meta)](*args, **flags)
 
 
 def _dot_flags(x: torch.Tensor) -> dict:

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import dinofast
+from dinofast import _backend
 from dinofast.reference.pixel_shuffle_project import (
     pixel_shuffle, pixel_shuffle_project_reference, shuffle_source_rows)
 from tests.conftest import DEVICE, assert_close, assert_nan_like, make_cu_seqlens, randn, with_debug_checks
@@ -228,6 +229,94 @@ def test_nan_in_a_patch_reaches_only_its_output_row(kernel_backend):
     want = pixel_shuffle_project_reference(*f64(x, w, b), grids=(4, 6), factor=2, num_prefix_tokens=5)
     assert_nan_like(y, want)
     assert y[0, 0].isnan().all() and not y[0, 1:].isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton forward at small M: split-K fills the GPU (grid math for an H100; interpreter parity)
+# ---------------------------------------------------------------------------------------------
+H100_SMS = 132
+# VLM batches: 1..8 images of 640x960 at s=4 (150 rows each) through a ViT-B (D=768) into N=960
+SMALL_M_SHAPES = [(M, 960, 768, 4) for M in (150, 300, 600, 1200)]
+
+
+def _psp_kernels():
+    pytest.importorskip("triton")
+    from dinofast.kernels import pixel_shuffle_project as K
+
+    return K
+
+
+@pytest.mark.parametrize("M,N,D,s", SMALL_M_SHAPES)
+def test_small_m_grids_fill_an_h100(M, N, D, s):
+    """Every forward/dx/dW autotune config launches at least one wave of programs (132 SMs)."""
+    K = _psp_kernels()
+    rows = []
+    for cfg in K.FWD_CONFIGS:
+        tiles, split = K.fwd_grid(M, N, D, s, cfg.kwargs, H100_SMS)
+        k_iters = s * s * math.ceil(D / cfg.kwargs["BLOCK_K"])
+        assert split == 1 or tiles < H100_SMS, "split-K only when the tiles alone do not fill a wave"
+        assert split * K.MIN_K_ITERS_PER_SPLIT <= k_iters
+        rows.append((f"fwd {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}",
+                     tiles, split, tiles * split))
+    for cfg in K.DX_CONFIGS:
+        a, b = K.dx_grid(M, D, s, cfg.kwargs)
+        rows.append((f"dx  {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}", a * b, 1, a * b))
+    for cfg in K.DW_CONFIGS:
+        a, b = K.dw_grid(N, D, s, cfg.kwargs)
+        rows.append((f"dW  {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}", a * b, 1, a * b))
+    print(f"\nM={M} N={N} K={D * s * s}: config, tiles, K splits, CTAs")
+    for name, tiles, split, ctas in rows:
+        print(f"  {name:<20} {tiles:5d} {split:3d} {ctas:5d}")
+    assert all(ctas >= H100_SMS for *_, ctas in rows), rows
+    # before split-K the default forward tile gave 16 CTAs at M=150
+    if M == 150:
+        assert K.fwd_grid(M, N, D, s, K.DEFAULT_FWD, H100_SMS) == (16, 9)
+
+
+def test_forward_autotune_key_has_bucketed_m():
+    K = _psp_kernels()
+    assert "M_BUCKET" in K._fwd_tuned.keys
+    assert [K.m_bucket(m) for m in (1, 16, 17, 150, 1200, 4096, 10**6)] == [16, 16, 32, 256, 2048, 4096, 4096]
+
+
+# (batched grid or packed grids, P, D, out, s, bias): M of 12..16 rows, one or two output tiles of
+# the interpreter's 32x32 tiles, K chunks that start inside a slot (D=40: 3 K tiles per slot)
+SPLIT_CASES = [
+    ((8, 8), 1, 40, 24, 2, True),
+    ((4, 12), 0, 40, 48, 2, False),
+    ([(4, 6), (2, 2), (4, 4)], 5, 40, 24, 2, True),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["batched-bias", "batched-2tiles", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_forward_matches_reference(case, dtype):
+    if _backend.why_unavailable("triton", DEVICE.type):
+        pytest.skip(f"triton on {DEVICE.type}: {_backend.why_unavailable('triton', DEVICE.type)}")
+    K = _psp_kernels()
+    grids, P, D, out, s, bias = case
+    packed = isinstance(grids, list)
+    if packed:
+        x, w, b, cu, g = packed_inputs(grids, P, D, out, s, dtype, bias=bias, seed=3)
+        kw = dict(grids=g, factor=s, num_prefix_tokens=P, cu_seqlens=cu)
+        M = sum((h // s) * (w_ // s) for h, w_ in grids)
+    else:
+        x, w, b = batched_inputs(1, grids, P, D, out, s, dtype, bias=bias, seed=3)
+        kw = dict(grids=grids, factor=s, num_prefix_tokens=P)
+        M = (grids[0] // s) * (grids[1] // s)
+    wave = K.INTERPRETER_WAVE if K.triton_interpreted() else torch.cuda.get_device_properties(0).multi_processor_count
+    configs = [dict(K.INTERPRETER, GROUP_M=4)] if K.triton_interpreted() else [c.kwargs for c in K.FWD_CONFIGS]
+    assert max(K.fwd_grid(M, out, D, s, c, wave)[1] for c in configs) > 1, "the case must take the split-K path"
+    with dinofast.backend("triton"):
+        y = dinofast.pixel_shuffle_project(x, w, b, **kw)
+    y = y[0] if packed else y
+    want = pixel_shuffle_project_reference(*f64(x, w, b), **kw)
+    want = want[0] if packed else want
+    assert y.dtype == dtype
+    assert_close(y, want, dtype)
+    with dinofast.backend("triton"):  # same inputs, same split: bit-identical (no atomics)
+        again = dinofast.pixel_shuffle_project(x, w, b, **kw)
+    assert torch.equal(y, again[0] if packed else again)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 
 Backends (one implementation each, same semantics):
   reference  dinofast/reference/varlen_attention.py   triton  kernels/varlen_attention.py
-  cpp        csrc/varlen_attention_cpu.cpp             cuda    csrc/varlen_attention_cuda.cu
+  cpp        csrc/varlen_attention_cpu.cpp             cuda    csrc/varlen_attention_cuda.cpp
 Every backend receives q, k, v, out as [T, H, D] views with unit stride on D (any T/H strides),
 cu_seqlens int32 [n+1] on their device, lse as contiguous float32 [H, T], and `rope`: None or a
-RopeArgs whose rotation it applies to q and k (cpp/cuda as the tiles are loaded; triton by one
-rope2d pass into scratch buffers before its plain kernels).
+RopeArgs whose rotation it applies to q and k (cpp as the tiles are loaded; triton by one rope2d
+pass into scratch buffers before its plain kernels; cuda into rotated scratch copies, which it
+hands to ATen's flash / memory-efficient attention).
 """
 from __future__ import annotations
 
