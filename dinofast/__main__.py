@@ -18,7 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("dinofast.extract", "DINOv3 features for a folder or glob of images (resumable, torchrun-ready)"),
     "pca": ("dinofast.features", "pictures of extracted features: each image beside a PCA-to-RGB map of its patches"),
     "convert": ("dinofast.models.checkpoint", "write an original-layout DINOv3 checkpoint as a transformers directory"),
-    "bench": ("dinofast.bench", "parity, timings against torch's peers and the test-suite on one device -> report.md/json"),
+    "bench": ("dinofast.bench",
+              "parity, timings against torch's peers and the test-suite on one device -> report.md/json"),
 }
 
 
@@ -61,10 +62,12 @@ def main_check(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
     except (RuntimeError, ValueError):
         device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+    if (device is None or device.type not in ("cpu", "cuda")
+            or (device.type == "cuda" and not torch.cuda.is_available())):
         print(f"dinofast check: error: --device: expected auto, cpu or an available cuda device, got {args.device!r}",
               file=sys.stderr)
         return 2

@@ -135,7 +135,8 @@ def run_checks(device: torch.device, ops: Optional[Sequence[str]] = None) -> Tup
             ok = r["max_abs_err"] <= atol  # False for NaN
             verdict = "PASS" if ok else "FAIL"
             if not ok:
-                failures.append(f"{op}/{r['backend']}: " + r.get("error", f"max abs err {r['max_abs_err']:.2e} > {atol:.0e}"))
+                failures.append(f"{op}/{r['backend']}: "
+                                + r.get("error", f"max abs err {r['max_abs_err']:.2e} > {atol:.0e}"))
             lines.append(f"  {r['backend']:<10} {r['max_abs_err']:>12.2e} {verdict:>8} {r['ms']:>9.3f} "
                          f"{r['speedup']:>12.2f}x" + (f"  {r['error']}" if "error" in r else ""))
     lines.append("")

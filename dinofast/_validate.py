@@ -8,7 +8,7 @@ dinofast._debug). Nothing here reads a device tensor.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 

@@ -883,7 +883,8 @@ def environment(device: torch.device, quick: bool) -> dict:
     import dinofast
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"device": str(device), "device_name": name, "quick": quick, "torch": torch.__version__, "triton": triton_version,
+    return {"device": str(device), "device_name": name, "quick": quick, "torch": torch.__version__,
+            "triton": triton_version,
                 "cuda": torch.version.cuda, "dinofast": dinofast.__version__, "git_commit": _git_commit(),
                 "python": platform.python_version(), "threads": torch.get_num_threads(),
                 "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -923,14 +924,17 @@ def render_markdown(report: dict) -> str:
         for r in report["parity"]:
             verdict = r["verdict"] + (f" ({r['error'][:120]})" if r.get("error") else "")
             lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['output']} | "
-                         f"{_fmt(r['err_dinofast'])} | {_fmt(r['err_torch'])} | {_fmt(r['ratio'], '.2f')} | {verdict} |")
+                         f"{_fmt(r['err_dinofast'])} | {_fmt(r['err_torch'])} | {_fmt(r['ratio'], '.2f')} | "
+                         f"{verdict} |")
         lines.append("")
     if report.get("timing"):
         lines += ["## Timing (median ms; TFLOP/s of useful work; % of the measured ceiling)", "",
-                  "| op | shape | impl | ms | TFLOP/s | GB/s | % roofline | note |", "|---|---|---|---|---|---|---|---|"]
+                  "| op | shape | impl | ms | TFLOP/s | GB/s | % roofline | note |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in report["timing"]:
             note = r["note"] if not r["skipped"] else f"skipped: {r['skipped']}"
-            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {_fmt(r['ms'], '.4g')} | {_fmt(r['tflops'], '.1f')} | "
+            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {_fmt(r['ms'], '.4g')} | "
+                         f"{_fmt(r['tflops'], '.1f')} | "
                          f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['roofline_pct'], '.0f')} | {note} |")
         lines.append("")
     t = report.get("tests")
@@ -952,7 +956,8 @@ def write_report(ctx: Context) -> None:
     rows = ctx.report.get("parity", [])
     t = ctx.report.get("tests") or {}
     ctx.report["summary"] = {
-        "parity_pass": sum(r["verdict"] == "PASS" for r in rows), "parity_fail": sum(r["verdict"] == "FAIL" for r in rows),
+        "parity_pass": sum(r["verdict"] == "PASS" for r in rows),
+        "parity_fail": sum(r["verdict"] == "FAIL" for r in rows),
         "parity_skip": sum(r["verdict"] == "SKIP" for r in rows),
         "tests": (f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped"
                if "tests" in t else t.get("status", "not run"))}
@@ -1057,7 +1062,8 @@ def main(args: argparse.Namespace) -> int:
     tests = ctx.report.get("tests") or {}
     print(render_markdown(ctx.report))
     print(f"[bench] wrote {ctx.out_dir / 'report.md'} and report.json in {time.perf_counter() - start:.0f} s")
-    tests_failed = tests.get("failed", 0) + tests.get("errors", 0) > 0 or str(tests.get("status", "")).startswith("timed")
+    tests_failed = (tests.get("failed", 0) + tests.get("errors", 0) > 0
+                    or str(tests.get("status", "")).startswith("timed"))
     parity_crashed = any(name.startswith("parity") for name in ctx.report.get("section_errors", {}))
     return 1 if summary["parity_fail"] or parity_crashed or tests_failed else 0
 

@@ -460,7 +460,8 @@ def prepare_resume(out_dir: str) -> dict[str, dict]:
 def write_index(out_dir: str, records: dict[str, dict]) -> None:
     tmp = os.path.join(out_dir, INDEX + ".tmp")
     with open(tmp, "wb") as f:
-        f.writelines(json.dumps(records[path], sort_keys=True).encode("ascii") + b"\n" for path in sorted(records, key=os.fsencode))
+        f.writelines(json.dumps(records[path], sort_keys=True).encode("ascii") + b"\n"
+                     for path in sorted(records, key=os.fsencode))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(out_dir, INDEX))

@@ -74,7 +74,8 @@ class FeatureStore(Mapping):
                 _, i, what = name.split(".", 2)
                 layers.setdefault(int(i), {})[what] = t
         return ImageFeatures(parts["cls"], parts["registers"], parts["patches"],
-                             {i: ImageFeatures(v["cls"], v["registers"], v["patches"]) for i, v in sorted(layers.items())})
+                             {i: ImageFeatures(v["cls"], v["registers"], v["patches"])
+                              for i, v in sorted(layers.items())})
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.out_dir!r}: {len(self)} images, {len(self.errors)} errors)"

@@ -118,9 +118,11 @@ def rope2d_kernel(
             h = pid_h * HEADS_PER_PROG + hh
             hmask = mask & ((d * 0 + h) < n_heads)[None, :]  # vector compare: the interpreter rejects scalar-bool masks
             _rotate_head(q_in + b * sqi_b + tok64 * sqi_t + h * sqi_h + d[None, :],
-                         q_out + b * sqo_b + tok64 * sqo_t + h * sqo_h + d[None, :], cos, sin, is_patch, hmask, 2 * QUARTER)
+                         q_out + b * sqo_b + tok64 * sqo_t + h * sqo_h + d[None, :], cos, sin, is_patch, hmask,
+                         2 * QUARTER)
             _rotate_head(k_in + b * ski_b + tok64 * ski_t + h * ski_h + d[None, :],
-                         k_out + b * sko_b + tok64 * sko_t + h * sko_h + d[None, :], cos, sin, is_patch, hmask, 2 * QUARTER)
+                         k_out + b * sko_b + tok64 * sko_t + h * sko_h + d[None, :], cos, sin, is_patch, hmask,
+                         2 * QUARTER)
 
 
 def launch_config(head_dim: int):

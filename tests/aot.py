@@ -76,8 +76,8 @@ def _attention(grids, H, D, dtype_name, rope: bool, prefix: int = 5, coord_trans
     out, dout = torch.empty(T, H, D, dtype=dtype), torch.randn(T, H, D, dtype=dtype)
     lse = torch.empty(H, T, dtype=torch.float32)
     dq, dk, dv = (torch.empty(T, H, D, dtype=dtype) for _ in range(3))
-    _triton_forward(q, k, v, out, lse, cu, max(lengths), D ** -0.5, args)
-    _triton_backward(dout, q, k, v, out, lse, dq, dk, dv, cu, max(lengths), D ** -0.5, args)
+    _triton_forward(q, k, v, out, lse, cu, max(lengths), D ** -0.5, args, None)
+    _triton_backward(dout, q, k, v, out, lse, dq, dk, dv, cu, max(lengths), D ** -0.5, args, None)
 
 
 def _pixel_shuffle_project(dtype_name, packed: bool, grids=((32, 32),), D=1024, s=4, out=960, prefix=5):

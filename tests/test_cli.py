@@ -15,7 +15,8 @@ from dinofast.ops import rope2d as rope2d_module
 
 def run_module(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "dinofast", *args], capture_output=True, text=True, env=env, check=False,
+    return subprocess.run([sys.executable, "-m", "dinofast", *args], capture_output=True, text=True, env=env,
+                          check=False,
                           timeout=timeout)
 
 

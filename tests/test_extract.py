@@ -156,7 +156,8 @@ def test_glob_and_bfloat16(model_dir, image_dir, tmp_path):
     pattern = os.path.join(images, "sub", "*.png")
     extract.main(args_for(model_dir, pattern, out, "--dtype", "bfloat16", "--no-progress"))
     records, feats = read_output(out)
-    assert sorted(records) == sorted(os.path.join(images, "sub", n) for n in ("c.png", "d.png", "g.png", "truncated.png"))
+    assert sorted(records) == sorted(os.path.join(images, "sub", n)
+                                     for n in ("c.png", "d.png", "g.png", "truncated.png"))
     ref = reference_features(model_dir, images, ["sub/c.png"], max_side=96)["sub/c.png"]
     got = feats[os.path.join(images, "sub", "c.png")]
     assert got["patches"].dtype == torch.bfloat16
@@ -588,7 +589,8 @@ def test_extract_help_lists_the_options(capsys):
         dinofast.__main__.main(["extract", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for opt in ("--model", "--images", "--out", "--max-side", "--max-tokens-per-batch", "--layers", "--dtype", "--device"):
+    for opt in ("--model", "--images", "--out", "--max-side", "--max-tokens-per-batch", "--layers", "--dtype",
+                "--device"):
         assert opt in text
 
 

@@ -62,7 +62,8 @@ def synthetic_output(out, n, *, D=64, grid=(4, 4), registers=4, ranks=2, merge=T
     for i in range(n):
         path = f"dir{i % 7}/img{i:05d}.jpg"
         key = extract.image_id(path)
-        tensors = {f"{key}/cls": torch.randn(D, generator=g), f"{key}/registers": torch.randn(registers, D, generator=g),
+        tensors = {f"{key}/cls": torch.randn(D, generator=g),
+                   f"{key}/registers": torch.randn(registers, D, generator=g),
                    f"{key}/patches": torch.randn(*grid, D, generator=g)}
         if i % 997 == 0:
             samples[path] = tensors[f"{key}/patches"].clone()
@@ -191,7 +192,8 @@ def photos(model_dir, tmp_path_factory):  # noqa: F811
     for i, size in enumerate(sizes):
         structured_image(i, size).save(str(root / f"p{i}.png"))
     out = str(tmp_path_factory.mktemp("pfeats") / "o")
-    assert extract.main(args_for(model_dir, str(root), out, "--no-progress", "--max-side", "128", "--layers", "-1")) == 0
+    assert extract.main(args_for(model_dir, str(root), out, "--no-progress", "--max-side", "128",
+                                 "--layers", "-1")) == 0
     return str(root), out, dict(zip([f"p{i}.png" for i in range(len(sizes))], sizes))
 
 
@@ -205,7 +207,8 @@ def test_pca_image_is_the_photo_beside_its_map(photos):
         gap = max(2, pw // 64)
         assert im.mode == "RGB" and im.size == (2 * pw + gap, ph)
         left = np.asarray(im)[:, :pw]
-        photo = np.asarray(Image.open(os.path.join(root, path)).convert("RGB").resize((pw, ph), Image.Resampling.BICUBIC))
+        photo = np.asarray(Image.open(os.path.join(root, path)).convert("RGB").resize((pw, ph),
+                                                                                      Image.Resampling.BICUBIC))
         assert np.abs(left.astype(int) - photo.astype(int)).max() == 0
         right = np.asarray(im)[:, pw + gap:]
         assert right.std() > 10  # the map varies: not a blank panel

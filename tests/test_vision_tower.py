@@ -189,7 +189,8 @@ def test_trainable_tower_gets_gradients():
     tokens.embeds.square().sum().backward()
     missing = [n for n, p in tower.model.named_parameters() if p.grad is None]
     assert missing == ["embeddings.mask_token"]
-    assert all(p.grad.abs().sum() > 0 for n, p in tower.model.named_parameters() if p.grad is not None and "bias" not in n)
+    assert all(p.grad.abs().sum() > 0 for n, p in tower.model.named_parameters()
+               if p.grad is not None and "bias" not in n)
 
 
 def test_bf16_autocast():
@@ -349,14 +350,16 @@ def test_bad_construction():
                                          r"got in-features 1536"):
         dinofast.VisionTower(model, dinofast.nn.PixelShuffleProjector(96, LM, S))
     good = dinofast.nn.PixelShuffleProjector(128, LM, S)
-    with pytest.raises(ValueError, match=r"processor: expected patch_size 16 \(the model's patch size\), got patch_size 14"):
+    with pytest.raises(ValueError, match=r"processor: expected patch_size 16 \(the model's patch size\), "
+                                         r"got patch_size 14"):
         dinofast.VisionTower(model, good, dinofast.ImageProcessor(patch_size=14, max_side=960, factor=S))
     with pytest.raises(ValueError, match=r"processor: expected factor 4 \(the projector's pixel-shuffle factor\), "
                                          r"got factor 2"):
         dinofast.VisionTower(model, good, dinofast.ImageProcessor(patch_size=16, max_side=960, factor=2))
     with pytest.raises(ValueError, match=r"projector: expected a dinofast.nn.PixelShuffleProjector.*got Linear"):
         dinofast.VisionTower(model, torch.nn.Linear(2048, LM))
-    with pytest.raises(ValueError, match=r"projector.num_prefix_tokens: expected 0 or the model's CLS \+ registers = 5, "
+    with pytest.raises(ValueError, match=r"projector.num_prefix_tokens: expected 0 or the model's CLS \+ "
+                                         r"registers = 5, "
                                          r"got 3"):
         dinofast.VisionTower(model, dinofast.nn.PixelShuffleProjector(128, LM, S, num_prefix_tokens=3))
     with pytest.raises(ValueError, match=r"model: expected a transformers DINOv3ViTModel"):
@@ -376,7 +379,8 @@ def test_bad_images(case, match):
     good = float_images([(64, 64)])[0]
     if case == "raw_without_processor":
         tower.processor = None
-    bad = {"empty": [], "not_list": good, "side": [good, torch.randn(3, 96, 64)], "raw_without_processor": [pil(64, 64, 0)],
+    bad = {"empty": [], "not_list": good, "side": [good, torch.randn(3, 96, 64)],
+           "raw_without_processor": [pil(64, 64, 0)],
            "channels": [torch.randn(1, 64, 64)], "packed_prefix": dinofast.pack([good], num_prefix_tokens=1)}[case]
     with pytest.raises(ValueError, match=match):
         tower(bad)
@@ -415,6 +419,7 @@ def test_bad_patches(case, match):
 
 def test_forward_patches_grid_not_divisible_by_factor():
     tower = make_tower(layers=1)
-    with pytest.raises(ValueError, match=r"grid_thw: expected h and w of image 0 multiples of the projector's factor 4, "
+    with pytest.raises(ValueError, match=r"grid_thw: expected h and w of image 0 multiples of the projector's "
+                                         r"factor 4, "
                                          r"got \(h, w\) = \(4, 6\)"):
         tower.forward_patches(torch.randn(24, 768, device=DEVICE), [(1, 4, 6)])

@@ -179,7 +179,8 @@ def _embed_patches(model, patches: Tensor, grid_thw, patch_layout: str, merge_si
                f"{patches.shape[1]} (shape {tuple(patches.shape)})")
     total = sum(h * w for h, w in hw)
     if patches.shape[0] != total:
-        V.fail("patches", f"sum over grid_thw of t*h*w = {total} rows", f"{patches.shape[0]} (shape {tuple(patches.shape)})")
+        V.fail("patches", f"sum over grid_thw of t*h*w = {total} rows",
+               f"{patches.shape[0]} (shape {tuple(patches.shape)})")
     if patches.device != conv.weight.device:
         V.fail("patches", f"the model's device {conv.weight.device}", patches.device)
     # Conv2d(kernel = stride = patch) on one patch is a dot product with the weight flattened in
@@ -284,7 +285,8 @@ class VisionTower(nn.Module):
             if not isinstance(processor, ImageProcessor):
                 V.fail("processor", "a dinofast.ImageProcessor or None", type(processor).__name__)
             if (processor.patch_size, processor.patch_size) != patch:
-                V.fail("processor", f"patch_size {patch[0]} (the model's patch size)", f"patch_size {processor.patch_size}")
+                V.fail("processor", f"patch_size {patch[0]} (the model's patch size)",
+                       f"patch_size {processor.patch_size}")
             if processor.factor != s:
                 V.fail("processor", f"factor {s} (the projector's pixel-shuffle factor)", f"factor {processor.factor}")
         if not isinstance(keep_cls, bool):
@@ -308,7 +310,8 @@ class VisionTower(nn.Module):
                        images.num_prefix_tokens)
             images = images.images
         if not isinstance(images, (list, tuple)):
-            V.fail("images", "a list of PIL images / uint8 or float tensors, or a dinofast.Packed", type(images).__name__)
+            V.fail("images", "a list of PIL images / uint8 or float tensors, or a dinofast.Packed",
+                   type(images).__name__)
         if len(images) == 0:
             V.fail("images", "a non-empty list of images", "an empty list")
         (ph, pw), s = self.patch_size, self.factor
@@ -326,7 +329,8 @@ class VisionTower(nn.Module):
                 V.check_tensor(img, name, ndim=3, dtypes=V.FLOAT_DTYPES)
                 c, H, W = img.shape
                 if c != self.model.config.num_channels:
-                    V.fail(name, f"[{self.model.config.num_channels}, H, W] (channels first)", f"shape {tuple(img.shape)}")
+                    V.fail(name, f"[{self.model.config.num_channels}, H, W] (channels first)",
+                           f"shape {tuple(img.shape)}")
                 if H == 0 or W == 0 or H % (ph * s) or W % (pw * s):
                     V.fail(name, f"H and W positive multiples of patch_size * factor = {ph}*{s} = {ph * s}",
                            f"size {H}x{W} (HxW)")
