@@ -63,13 +63,11 @@ def _rotate_head(src, dst, cos, sin, is_patch, mask, HALF: tl.constexpr):
     """One head of a [BLOCK_T, D] tile: channel d pairs with d + D/2; both are read before either
     is written, so dst may alias src (in-place rope2d_). Rows where is_patch is False (prefix
     tokens) are stored as loaded: no arithmetic, so an Inf stays Inf (Inf * 0 would be NaN)."""
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0)
-    y1 = x1.to(tl.float32) * cos - x2.to(tl.float32) * sin
-    y2 = x2.to(tl.float32) * cos + x1.to(tl.float32) * sin
-    keep = is_patch[:, None]
-    tl.store(dst, tl.where(keep, y1.to(dst.dtype.element_ty), x1), mask=mask)
-    tl.store(dst + HALF, tl.where(keep, y2.to(dst.dtype.element_ty), x2), mask=mask)
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    keep = is_patch[:, None]  # (the fp32 round trip of a loaded value is exact)
+    tl.store(dst, tl.where(keep, x1 * cos - x2 * sin, x1).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, tl.where(keep, x2 * cos + x1 * sin, x2).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit

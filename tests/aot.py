@@ -166,8 +166,11 @@ def capture(scenario) -> list:
     def autotuner_run(self, *args, **kwargs):
         grid = kwargs.pop("grid")
         kwargs.pop("warmup", None)
-        for config in self.configs:
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)  # what the autotuner would benchmark for these args
+        for config in configs:
             launches.append((self.fn, args, {**kwargs, **config.all_kwargs()}, grid))
+        self.best_config = configs[0]  # launchers read it after the call
 
     saved = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = jit_run, autotuner_run
