@@ -275,8 +275,7 @@ def torch_attention(q, k, v, pk: Pack, rope: bool) -> torch.Tensor:
     return torch.cat(outs)
 
 
-# Registries: name -> fn(ctx) -> rows. A VisionTower case goes here (one parity function and one
-# timing function) once dinofast ships the module; nothing in this file measures it yet.
+# Registries: name -> fn(ctx) -> rows (one parity function and one timing function per op or module).
 PARITY_CASES: dict[str, Callable[[Context], list[dict]]] = {}
 TIMING_CASES: dict[str, Callable[[Context], list[dict]]] = {}
 
@@ -502,6 +501,57 @@ def _model_parity_one(ctx: Context, dtype: torch.dtype) -> list[dict]:
             lambda: (torch.cat([_tokens(f) for f in encode_packed(patched, images)]),),
             lambda: per_image(plain, dtype), lambda: per_image(reference, torch.float32),
             broken=_broken(ctx, packed_op))
+
+
+LM_WIDTH = 960  # nanoVLM's language-model width: the VisionTower's projector output
+
+
+def _tower_case(ctx: Context, dtype: torch.dtype):
+    """(VisionTower over a patched copy of the model in `dtype`, images of the mixed pack, per-image
+    fn(model, cast) -> (embeds,): nanoVLM's path, the model on each image then the reference
+    pixel shuffle + Linear on its (Hp, Wp)); pixel-shuffle factor 4 where every side allows it."""
+    import dinofast
+    from dinofast.reference.pixel_shuffle_project import pixel_shuffle_project_reference
+
+    _, mixed = ctx.packs
+    patch, P = ctx.sizes.patch, 1 + ctx.sizes.registers
+    s = 4 if all(h % (4 * patch) == 0 and w % (4 * patch) == 0 for h, w in mixed.sizes) else 2
+    base = base_model(ctx)
+    torch.manual_seed(3)
+    projector = dinofast.nn.PixelShuffleProjector(base.config.hidden_size, LM_WIDTH, s, bias=True,
+                                                  num_prefix_tokens=P).to(device=ctx.device, dtype=dtype)
+    tower = dinofast.VisionTower(dinofast.patch_dinov3(copy.deepcopy(base).to(device=ctx.device, dtype=dtype)),
+                                 projector)
+    images = [randn((3, h, w), dtype, ctx.device, 70 + i) for i, (h, w) in enumerate(mixed.sizes)]
+
+    def per_image(model, cast):
+        w, b = projector.proj.weight.to(cast), projector.proj.bias.to(cast)
+        outs = [pixel_shuffle_project_reference(model(im[None].to(cast)).last_hidden_state, w, b,
+                                                grids=(im.shape[1] // patch, im.shape[2] // patch), factor=s,
+                                                num_prefix_tokens=P)[0] for im in images]
+        return (torch.cat(outs),)
+    return tower, images, per_image
+
+
+@parity_case("vision_tower")
+def parity_vision_tower(ctx: Context) -> list[dict]:
+    """VisionTower (one packed encoder pass + one packed projection) on the mixed batch; reference:
+    the plain model in fp32 with the weights rounded to the low dtype, per image, then nanoVLM's
+    shuffle + Linear; peer: the same per-image path in the low dtype."""
+    rows = []
+    name = "VisionTower (embeds)"
+    auto = _backend.select(dict.fromkeys(_backend.BACKENDS), ctx.device, "bench")
+    for dtype in LOW_DTYPES:
+        tower, images, per_image = _tower_case(ctx, dtype)
+        plain = copy.deepcopy(base_model(ctx)).to(device=ctx.device, dtype=dtype)
+        reference = copy.deepcopy(base_model(ctx)).to(dtype).to(device=ctx.device, dtype=torch.float32)
+        with torch.no_grad(), _fp32_exact():
+            rows += parity_rows(name, ctx.packs[1].name, dtype, f"auto ({auto})", ("embeds",),
+                                lambda: (tower(images).embeds,), lambda: per_image(plain, dtype),
+                                lambda: per_image(reference, torch.float32), broken=_broken(ctx, name))
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,6 +857,18 @@ def time_models(ctx: Context, clock: Clock) -> list[dict]:
                    lambda: [plain(im[None]) for im in images], context=no_grad),
     ]
     return rows
+
+
+@timing_case("vision_tower")
+def time_vision_tower(ctx: Context, clock: Clock) -> list[dict]:
+    tower, images, per_image = _tower_case(ctx, TIMING_DTYPE)
+    plain = copy.deepcopy(base_model(ctx)).to(device=ctx.device, dtype=TIMING_DTYPE)
+    shape, no_grad = ctx.packs[1].name, torch.no_grad
+    return [
+        timing_row(ctx, clock, "VisionTower", shape, "dinofast VisionTower", lambda: tower(images), context=no_grad),
+        timing_row(ctx, clock, "VisionTower", shape, "transformers + nanoVLM projector per image",
+                   lambda: per_image(plain, TIMING_DTYPE), context=no_grad),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ PARITY_OUTPUTS = {
     "pixel_shuffle_project": {"y", "dx", "dweight", "dbias"},
     "patched DINOv3 (last_hidden_state)": {"tokens"},
     "encode_packed (all tokens)": {"tokens"},
+    "VisionTower (embeds)": {"embeds"},
 }
 TIMED_OPS = {"attention fwd", "attention bwd", "rope2d (packed)", "pixel_shuffle_project fwd",
-             "pixel_shuffle_project bwd", "DINOv3 forward"}
+             "pixel_shuffle_project bwd", "DINOv3 forward", "VisionTower"}
 
 
 def run_bench(out: Path, *extra, env=None):
