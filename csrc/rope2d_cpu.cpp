@@ -108,41 +108,71 @@ void rope2d_cpu_impl(const at::Tensor& q, const at::Tensor& k, at::Tensor& q_out
   const scalar_t* ki = k.data_ptr<scalar_t>();
   scalar_t* qo = q_out.data_ptr<scalar_t>();
   scalar_t* ko = k_out.data_ptr<scalar_t>();
-  // Rows in memory order of q: tokens inner when they are closer together than heads.
+  // Rows in memory order of q: tokens inner when they are closer together than heads. One work
+  // unit is (b, outer index); its inner loop advances row/column counters instead of dividing.
   const bool heads_outer = q.stride(2) > q.stride(1);
   const int64_t outer = heads_outer ? g.H : g.N, inner = heads_outer ? g.N : g.H;
-  const int64_t rows = g.B * g.H * g.N;
-  const int64_t grain = std::max<int64_t>(1, 16384 / g.D);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (inner * g.D));
 
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / (outer * inner), o = (row / inner) % outer, i = row % inner;
-      const int64_t h = heads_outer ? o : i, t = heads_outer ? i : o;
-      const scalar_t* qr = qi + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
-      const scalar_t* kr = ki + b * k.stride(0) + t * k.stride(1) + h * k.stride(2);
-      scalar_t* qw = qo + b * q_out.stride(0) + t * q_out.stride(1) + h * q_out.stride(2);
-      scalar_t* kw = ko + b * k_out.stride(0) + t * k_out.stride(1) + h * k_out.stride(2);
-      int64_t img = b, pos = t - g.num_prefix_tokens, wp = g.wp;
-      if (g.packed) {
-        img = segment_of(cu, g.n_images, t);
-        pos = t - cu[img] - g.num_prefix_tokens;
-        wp = grids[2 * img + 1];
+  // Rotates (or, for a prefix token, copies) row (b, t, h) given its image table and patch (r, c).
+  auto do_row = [&](int64_t b, int64_t t, int64_t h, int64_t table, int64_t r, int64_t c, bool prefix) {
+    const scalar_t* qr = qi + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
+    const scalar_t* kr = ki + b * k.stride(0) + t * k.stride(1) + h * k.stride(2);
+    scalar_t* qw = qo + b * q_out.stride(0) + t * q_out.stride(1) + h * q_out.stride(2);
+    scalar_t* kw = ko + b * k_out.stride(0) + t * k_out.stride(1) + h * k_out.stride(2);
+    if (prefix) {  // copied bit for bit (x*1 - y*0 would turn an Inf into NaN)
+      copy_row(qr, qw, g.D);
+      copy_row(kr, kw, g.D);
+      return;
+    }
+    const int64_t yo = (tb.y_offset[table] + r) * quarter, xo = (tb.x_offset[table] + c) * quarter;
+    const acc_t *cy = tb.cos_y.data() + yo, *sy = tb.sin_y.data() + yo;
+    const acc_t *cx = tb.cos_x.data() + xo, *sx = tb.sin_x.data() + xo;
+    rotate_row(qr, qw, cy, sy, cx, sx, quarter);
+    rotate_row(kr, kw, cy, sy, cx, sx, quarter);
+  };
+  // Image table and patch (r, c) of token t of batch row b; false for a prefix token.
+  auto place = [&](int64_t b, int64_t t, int64_t& table, int64_t& r, int64_t& c) {
+    int64_t img = b, pos = t - g.num_prefix_tokens, wp = g.wp;
+    if (g.packed) {
+      img = segment_of(cu, g.n_images, t);
+      pos = t - cu[img] - g.num_prefix_tokens;
+      wp = grids[2 * img + 1];
+    }
+    table = per_image ? img : 0;
+    if (pos < 0) return false;
+    r = pos / wp;
+    c = pos % wp;
+    return true;
+  };
+
+  at::parallel_for(0, g.B * outer, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / outer, o = unit % outer;
+      if (!heads_outer) {  // one token, every head
+        int64_t table = 0, r = 0, c = 0;
+        const bool patch = place(b, o, table, r, c);
+        for (int64_t h = 0; h < g.H; ++h) do_row(b, o, h, table, r, c, !patch);
+      } else if (!g.packed) {  // one head, every token of image b: the patch counters walk the grid
+        const int64_t table = per_image ? b : 0;
+        const int64_t P = std::min(g.num_prefix_tokens, g.N);
+        for (int64_t t = 0; t < P; ++t) do_row(b, t, o, table, 0, 0, true);
+        int64_t r = 0, c = 0;
+        for (int64_t t = P; t < g.N; ++t) {
+          do_row(b, t, o, table, r, c, false);
+          if (++c == g.wp) { c = 0; ++r; }
+        }
+      } else {  // packed tokens with heads outer (an unusual stride order): place each token
+        for (int64_t t = 0; t < g.N; ++t) {
+          int64_t table = 0, r = 0, c = 0;
+          const bool patch = place(b, t, table, r, c);
+          do_row(b, t, o, table, r, c, !patch);
+        }
       }
-      if (pos < 0) {  // prefix token: copied bit for bit (x*1 - y*0 would turn an Inf into NaN)
-        copy_row(qr, qw, g.D);
-        copy_row(kr, kw, g.D);
-        continue;
-      }
-      const int64_t table = per_image ? img : 0;
-      const int64_t yo = (tb.y_offset[table] + pos / wp) * quarter;
-      const int64_t xo = (tb.x_offset[table] + pos % wp) * quarter;
-      const acc_t *cy = tb.cos_y.data() + yo, *sy = tb.sin_y.data() + yo;
-      const acc_t *cx = tb.cos_x.data() + xo, *sx = tb.sin_x.data() + xo;
-      rotate_row(qr, qw, cy, sy, cx, sx, quarter);
-      rotate_row(kr, kw, cy, sy, cx, sx, quarter);
     }
   });
 }
+
 void rope2d_cpu(const at::Tensor& q, const at::Tensor& k, at::Tensor q_out, at::Tensor k_out,
                 const at::Tensor& inv_freq, const c10::optional<at::Tensor>& cu_seqlens,
                 const c10::optional<at::Tensor>& grids, int64_t hp, int64_t wp,
