@@ -5,6 +5,7 @@ out on CPU: it is for correctness, not speed) beside its baselines, one pytest-b
 shape so that rows measured side by side sit together.
 """
 import contextlib
+import os
 import time
 
 import pytest
@@ -14,6 +15,10 @@ import dinofast
 from dinofast import _backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# A fixed CPU thread count (DINOFAST_BENCH_THREADS, default 2): ratios are only comparable at one.
+THREADS = int(os.environ.get("DINOFAST_BENCH_THREADS", "2"))
+torch.set_num_threads(THREADS)
+print(f"benchmarks: torch threads = {torch.get_num_threads()} (DINOFAST_BENCH_THREADS)")
 
 
 def speed_backends():
@@ -48,3 +53,19 @@ def bench(benchmark):
             rounds = max(5, min(200, int(0.5 / max(once, 1e-6))))
             return benchmark.pedantic(fn, rounds=rounds, iterations=1)
     return run
+
+
+def interleaved(rows: dict, rounds: int) -> dict:
+    """Median seconds of each row of `rows` (name -> callable), timing one call of every row per
+    round, round after round: a load spike on a shared machine hits every row alike, so the ratios
+    between rows survive it. One untimed call per row first (compilation, caches)."""
+    rows = {name: _synced(fn) for name, fn in rows.items()}
+    for fn in rows.values():
+        fn()
+    times = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}

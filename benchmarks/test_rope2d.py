@@ -1,6 +1,16 @@
-"""rope2d across resolutions: each backend vs the transformers eager path, torch.compile of the
-reference, and the memory floor (copying q and k once). B 1 and 8, H 12, D 64, q/k laid out as
-transformers makes them ([B, N, H, D] buffers seen as [B, H, N, D])."""
+"""rope2d across resolutions, batch 1 and 8, H 12, D 64, in both q/k layouts:
+  contiguous     [B, H, N, D] tensors
+  transformers   [B, N, H, D] buffers seen as [B, H, N, D] (what DINOv3ViTModel hands over)
+Rows of one group (one shape and layout) are timed round-robin in one test (see interleaved), at
+DINOFAST_BENCH_THREADS torch threads (default 2):
+  <backend>                  rope2d, out of place (new q, k)
+  <backend> in place         rope2d_
+  transformers-eager         transformers' cos/sin module + apply_rotary_pos_emb
+  torch.compile(reference)   the reference, compiled
+  clone floor                q.clone(), k.clone(): the floor of an out-of-place op
+  copy floor                 copy_ into preallocated buffers: the floor of an in-place op
+Medians and ratios are printed (-s) and stored in each benchmark's extra_info; the timed body of
+the pytest-benchmark row is one round of all rows."""
 import functools
 
 import pytest
@@ -8,18 +18,21 @@ import torch
 
 import dinofast
 from dinofast.reference.rope2d import rope2d_reference
-from benchmarks.conftest import DEVICE, speed_backends
+from benchmarks.conftest import DEVICE, THREADS, interleaved, speed_backends
 
 RESOLUTIONS = {"224": (14, 14), "512": (32, 32), "768": (48, 48), "1024": (64, 64), "640x960": (40, 60)}
 P, H, D = 5, 12, 64
+ROUNDS = 21
 
 
-@functools.lru_cache(maxsize=4)
-def inputs(res: str, B: int):
+@functools.lru_cache(maxsize=2)
+def inputs(res: str, B: int, layout: str):
     Hp, Wp = RESOLUTIONS[res]
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, P + Hp * Wp, H, D, generator=g).to(DEVICE).transpose(1, 2)
-    k = torch.randn(B, P + Hp * Wp, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    if layout == "transformers":
+        q, k = (torch.randn(B, P + Hp * Wp, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(2))
+    else:
+        q, k = (torch.randn(B, H, P + Hp * Wp, D, generator=g).to(DEVICE) for _ in range(2))
     return q, k, (Hp, Wp)
 
 
@@ -42,23 +55,46 @@ def _transformers_rope():
     return DINOv3ViTRopePositionEmbedding(cfg).to(DEVICE).eval()
 
 
-torch._dynamo.config.recompile_limit = 64  # one graph per (resolution, batch) row
+torch._dynamo.config.recompile_limit = 64  # one graph per (resolution, batch, layout) group
 _compiled_reference = torch.compile(rope2d_reference, fullgraph=True, dynamic=False)
 
-ROWS = speed_backends() + ["transformers-eager", "torch.compile(reference)", "memory-floor"]
+
+def _rows(q, k, grid):
+    # in-place rows rotate their own copies (rotating the shared inputs would compound)
+    q_in, k_in = q.clone(), k.clone()
+    q_buf, k_buf = torch.empty_like(q), torch.empty_like(k)
+    rows = {}
+    for backend in speed_backends():
+        def out_of_place(backend=backend):
+            with dinofast.backend(backend):
+                return dinofast.rope2d(q, k, grid, num_prefix_tokens=P)
+
+        def in_place(backend=backend):
+            with dinofast.backend(backend):
+                return dinofast.rope2d_(q_in, k_in, grid, num_prefix_tokens=P)
+        rows[backend] = out_of_place
+        rows[f"{backend} in place"] = in_place
+    rows["transformers-eager"] = lambda: transformers_eager(q, k, grid)
+    rows["torch.compile(reference)"] = lambda: _compiled_reference(q, k, grid, num_prefix_tokens=P)
+    rows["clone floor"] = lambda: (q.clone(), k.clone())
+    rows["copy floor"] = lambda: (q_buf.copy_(q), k_buf.copy_(k))
+    return rows
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transformers"])
 @pytest.mark.parametrize("B", [1, 8])
 @pytest.mark.parametrize("res", list(RESOLUTIONS))
-@pytest.mark.parametrize("row", ROWS)
-def test_rope2d(bench, row, res, B):
-    q, k, grid = inputs(res, B)
-    group = f"rope2d {res} B={B}"
-    if row in dinofast.BACKENDS:
-        bench(lambda: dinofast.rope2d(q, k, grid, num_prefix_tokens=P), group, backend=row)
-    elif row == "transformers-eager":
-        bench(lambda: transformers_eager(q, k, grid), group)
-    elif row == "torch.compile(reference)":
-        bench(lambda: _compiled_reference(q, k, grid, num_prefix_tokens=P), group)
-    else:  # reading q, k once and writing them once: no rope kernel can beat this
-        bench(lambda: (q.clone(), k.clone()), group)
+def test_rope2d(benchmark, res, B, layout):
+    q, k, grid = inputs(res, B, layout)
+    benchmark.group = f"rope2d {res} B={B} {layout}"
+    rows = _rows(q, k, grid)
+    medians = interleaved(rows, ROUNDS)
+    compiled = medians["torch.compile(reference)"]
+    lines = [f"{benchmark.group}, {THREADS} threads, {ROUNDS} interleaved rounds"]
+    for name, sec in medians.items():
+        floor = medians["copy floor" if name.endswith("in place") else "clone floor"]
+        lines.append(f"  {name:26s} {sec * 1e3:9.3f} ms  {sec / floor:5.2f}x floor  "
+                     f"compile/row {compiled / sec:5.2f}x")
+    print("\n".join(lines))
+    benchmark.extra_info.update(threads=THREADS, medians_ms={n: s * 1e3 for n, s in medians.items()})
+    benchmark.pedantic(lambda: [fn() for fn in rows.values()], rounds=1, iterations=1)
