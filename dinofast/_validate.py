@@ -221,7 +221,7 @@ def check_periods(periods: torch.Tensor, arg: str) -> None:
     ok = (torch.isfinite(periods) & (periods > 0)).all()
     if periods.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
-            fail(arg, "finite positive periods", periods.tolist())
+            fail(arg, "finite positive periods", [float(p) for p in periods])
     else:
         torch._assert_async(ok, f"{arg}: expected finite positive periods")
 

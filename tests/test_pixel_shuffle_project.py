@@ -292,7 +292,7 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_k_forward_matches_reference(case, dtype):
     if _backend.why_unavailable("triton", DEVICE.type):
-        pytest.skip(f"triton on {DEVICE.type}: {_backend.why_unavailable('triton', DEVICE.type)}")
+        pytest.skip(reason=f"triton on {DEVICE.type}: {_backend.why_unavailable('triton', DEVICE.type)}")
     K = _psp_kernels()
     grids, P, D, out, s, bias = case
     packed = isinstance(grids, list)
