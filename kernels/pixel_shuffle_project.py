@@ -4,9 +4,10 @@ All three are GEMMs over the shuffled matrix A [M, K = D*s*s] that is never buil
 loader turns (output row m, column k) into an x address,
     k = slot*D + d, slot = dy*s + dx,   row m -> (batch b, token tok of slot (0, 0), image width Wp),
     A[m, k] = x[b, tok + dy*Wp + dx, d]
-(nanoVLM's pixel shuffle, see dinofast/reference/pixel_shuffle_project.py). The K loop walks one slot at a time in BLOCK_K
-chunks of d, so every A tile is BLOCK_M rows of BLOCK_K contiguous channels. Accumulation is fp32;
-the bias is added in the forward epilogue; fp32 inputs are multiplied in full precision (no TF32).
+(nanoVLM's pixel shuffle, as dinofast/reference/pixel_shuffle_project.py writes it). The K loop
+walks one slot at a time in BLOCK_K chunks of d, so every A tile is BLOCK_M rows of BLOCK_K
+contiguous channels. Accumulation is fp32; the bias is added in the forward epilogue; fp32 inputs
+are multiplied in full precision (no TF32).
   forward       y[m, n]  = sum_k A[m, k] W[n, k] + bias[n]
   grad_x        dA[m, k] = sum_n dy[m, n] W[n, k], stored straight to x's row of (m, slot)
                 (a permutation: every non-prefix x row is written exactly once)

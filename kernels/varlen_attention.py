@@ -28,8 +28,6 @@ from dinofast._backend import triton_interpreted
 from dinofast.kernels import rope2d as _rope2d
 from dinofast.kernels.rope2d import work_grid, work_item
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _load_rows(base, rows, row_mask, stride_t, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
@@ -82,19 +80,20 @@ def _block(first, end, BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask):
-    """log2-unit LSE and delta of rows `rows` of head h (both float32 [H, T])."""
+    """Natural-log LSE and delta of rows `rows` of head h (both float32 [H, T])."""
     off = h.to(tl.int64) * T + rows
-    lse2 = tl.load(lse_ptr + off, mask=row_mask, other=0.0) * 1.4426950408889634
+    lse = tl.load(lse_ptr + off, mask=row_mask, other=0.0)
     delta = tl.load(delta_ptr + off, mask=row_mask, other=0.0)
-    return lse2, delta
+    return lse, delta
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, g, lse2, delta, valid, qk_scale_log2,
+def _probs_and_dscores(q, k, v, g, lse, delta, valid, softmax_scale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOW_PRECISION: tl.constexpr, like_ptr):
-    """Recomputed P = softmax(Q K^T) [BLOCK_M, BLOCK_N] and dS = P * (dO V^T - delta) (both fp32)."""
+    """Recomputed P = softmax(scale * Q K^T) [BLOCK_M, BLOCK_N] and dS = P * (dO V^T - delta) (fp32).
+    Scores are scaled in natural units, as the forward does (see varlen_fwd_kernel)."""
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), LOW_PRECISION, like_ptr)
-    p = tl.where(valid, tl.math.exp2(s * qk_scale_log2 - lse2[:, None]), 0.0)
+    p = tl.where(valid, tl.math.exp2((s * softmax_scale - lse[:, None]) * 1.4426950408889634), 0.0)
     dp = _dot(g, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), LOW_PRECISION, like_ptr)
     return p, p * (dp - delta[:, None])
 
@@ -103,10 +102,12 @@ def _probs_and_dscores(q, k, v, g, lse2, delta, valid, qk_scale_log2,
 def varlen_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-    T, n_heads, tiles_per_segment, n_work, qk_scale_log2,
+    T, n_heads, tiles_per_segment, n_work, softmax_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LOW_PRECISION: tl.constexpr,
 ):
+    # Scores are scaled in natural units, then exponentiated as exp2((s - m) * log2(e)): folding
+    # log2(e) into the scale would overflow fp32 at scores the reference still holds finite.
     for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
         q0, h, start, end = _item(cu_seqlens_ptr, w, tiles_per_segment, n_heads, BLOCK_M)
         if q0 < end:
@@ -119,17 +120,17 @@ def varlen_fwd_kernel(
                 cols, col_mask = _block(n0, end, BLOCK_N)
                 k = _load_rows(k_ptr + h * sk_h, cols, col_mask, sk_t, HEAD_DIM, D_PAD)
                 s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), LOW_PRECISION, q_ptr)
-                s = tl.where(col_mask[None, :], s * qk_scale_log2, float("-inf"))
+                s = tl.where(col_mask[None, :], s * softmax_scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
+                alpha = tl.math.exp2((m_i - m_new) * 1.4426950408889634)
+                p = tl.math.exp2((s - m_new[:, None]) * 1.4426950408889634)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = _load_rows(v_ptr + h * sv_h, cols, col_mask, sv_t, HEAD_DIM, D_PAD)
                 acc = _dot(p, v, acc * alpha[:, None], LOW_PRECISION, q_ptr)
                 m_i = m_new
             _store_rows(out_ptr + h * so_h, rows, row_mask, so_t, acc / l_i[:, None], HEAD_DIM, D_PAD)
-            # natural-log LSE of the scaled scores (m_i, log2 l_i are in log2 units)
-            tl.store(lse_ptr + h.to(tl.int64) * T + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
+            # natural-log LSE of the scaled scores (m_i in natural units, l_i a sum of exp2 terms)
+            tl.store(lse_ptr + h.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i) * 0.6931471805599453,
                      mask=row_mask)
 
 
@@ -150,7 +151,7 @@ def varlen_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, so_t, so_h, sg_t, sg_h
 def varlen_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sdk_t, sdk_h, sdv_t, sdv_h,
-    T, n_heads, tiles_per_segment, n_work, softmax_scale, qk_scale_log2,
+    T, n_heads, tiles_per_segment, n_work, softmax_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LOW_PRECISION: tl.constexpr,
 ):
@@ -164,9 +165,9 @@ def varlen_bwd_dkdv_kernel(
             for m0 in range(start, end, BLOCK_M):
                 rows, row_mask = _block(m0, end, BLOCK_M)
                 q, g = _load_two(q_ptr, sq_t, sq_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
-                lse2, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
-                p, ds = _probs_and_dscores(q, k, v, g, lse2, delta, row_mask[:, None] & col_mask[None, :],
-                                           qk_scale_log2, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
+                lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
+                p, ds = _probs_and_dscores(q, k, v, g, lse, delta, row_mask[:, None] & col_mask[None, :],
+                                           softmax_scale, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
                 dv = _dot(tl.trans(p), g, dv, LOW_PRECISION, q_ptr)
                 dk = _dot(tl.trans(ds), q, dk, LOW_PRECISION, q_ptr)
             _store_rows(dk_ptr + h * sdk_h, cols, col_mask, sdk_t, dk * softmax_scale, HEAD_DIM, D_PAD)
@@ -177,7 +178,7 @@ def varlen_bwd_dkdv_kernel(
 def varlen_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sdq_t, sdq_h,
-    T, n_heads, tiles_per_segment, n_work, softmax_scale, qk_scale_log2,
+    T, n_heads, tiles_per_segment, n_work, softmax_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LOW_PRECISION: tl.constexpr,
 ):
@@ -186,13 +187,13 @@ def varlen_bwd_dq_kernel(
         if m0 < end:
             rows, row_mask = _block(m0, end, BLOCK_M)
             q, g = _load_two(q_ptr, sq_t, sq_h, dout_ptr, sg_t, sg_h, h, rows, row_mask, HEAD_DIM, D_PAD)
-            lse2, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
+            lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, row_mask)
             dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
             for n0 in range(start, end, BLOCK_N):
                 cols, col_mask = _block(n0, end, BLOCK_N)
                 k, v = _load_two(k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, h, cols, col_mask, HEAD_DIM, D_PAD)
-                _, ds = _probs_and_dscores(q, k, v, g, lse2, delta, row_mask[:, None] & col_mask[None, :],
-                                           qk_scale_log2, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
+                _, ds = _probs_and_dscores(q, k, v, g, lse, delta, row_mask[:, None] & col_mask[None, :],
+                                           softmax_scale, BLOCK_M, BLOCK_N, LOW_PRECISION, q_ptr)
                 dq = _dot(ds, k, dq, LOW_PRECISION, q_ptr)
             _store_rows(dq_ptr + h * sdq_h, rows, row_mask, sdq_t, dq * softmax_scale, HEAD_DIM, D_PAD)
 
@@ -275,7 +276,7 @@ def forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale, rope) -> None:
     varlen_fwd_kernel[work_grid(n_work)](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        T, H, tiles, n_work, scale * LOG2E,
+        T, H, tiles, n_work, scale,
         HEAD_DIM=D, D_PAD=d_pad(D), BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -306,7 +307,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, scale,
         kernel[work_grid(n_work)](
             q, k, v, dout, lse, delta, *grads, cu_seqlens,
             *strides, *(s for g in grads for s in (g.stride(0), g.stride(1))),
-            T, H, tiles, n_work, scale, scale * LOG2E,
+            T, H, tiles, n_work, scale,
             HEAD_DIM=D, D_PAD=d_pad(D), BLOCK_M=block_m, BLOCK_N=block_n, LOW_PRECISION=low_precision_dot(q.dtype),
             num_warps=num_warps, num_stages=num_stages)
     if rope is not None:
