@@ -245,11 +245,19 @@ def check_coord_param(value, arg: str, *, minimum: float, inclusive: bool = True
         fail(arg, f"None or a finite number {'>=' if inclusive else '>'} {minimum}", value)
 
 
+FP32_MAX = torch.finfo(torch.float32).max
+
+
 def check_softmax_scale(scale, arg: str = "softmax_scale") -> None:
     """A finite positive scale that float32 holds: the kernels scale in fp32, where 1e300 is inf."""
     check_finite(scale, arg)
-    if scale > torch.finfo(torch.float32).max:
-        fail(arg, f"a finite positive number <= {torch.finfo(torch.float32).max:.4g} (float32)", scale)
+    if scale > FP32_MAX:
+        fail(arg, f"a finite positive number <= {FP32_MAX:.4g} (float32)", scale)
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when contiguous (no dispatcher round trip on the per-call path), else a copy."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def check_rope_extras(periods, coord_transform, head_dim: int, n: int, device: torch.device,

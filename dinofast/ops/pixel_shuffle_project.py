@@ -307,7 +307,7 @@ def _prepare(x, weight, bias, grids, factor, num_prefix_tokens, cu_seqlens, layo
         bias = bias.contiguous()
     if packed:
         grids, layout, n = packed_grids(grids, layout, cu_seqlens, x.shape[0], "x.shape[0] (T)", P, x.device)
-        cu_seqlens, grids = cu_seqlens.contiguous(), grids.contiguous()
+        cu_seqlens, grids = V.contiguous(cu_seqlens), V.contiguous(grids)
         hp = wp = 0
         if layout is not None and not torch.compiler.is_compiling():
             # checked and made once per layout; a clone, as it is returned to the caller

@@ -206,7 +206,7 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
     if packed:
         grids, layout, n = packed_grids(grids, layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", num_prefix_tokens,
                                         q.device)
-        cu_seqlens, grids = cu_seqlens.contiguous(), grids.contiguous()
+        cu_seqlens, grids = V.contiguous(cu_seqlens), V.contiguous(grids)
         hp = wp = 0
         # the launch bound: the longest image when the host knows it, else T (still a bound)
         max_seqlen = q.shape[0] if layout is None else layout.max_seqlen

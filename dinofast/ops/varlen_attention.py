@@ -269,7 +269,7 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _A
         P = rope.num_prefix_tokens
         grids, layout, _ = packed_grids(rope.grids, layout, cu_seqlens, q.shape[0], "q.shape[0] (T)", P, q.device,
                                         grids_arg="rope.grids", prefix_arg="rope.num_prefix_tokens", n=n)
-        grids = grids.contiguous()
+        grids = V.contiguous(grids)
         V.check_finite(rope.theta, "rope.theta")
         coord_transform = V.check_rope_extras(rope.periods, rope.coord_transform, D, n, q.device, "rope.")
         freqs = rope_inv_freq(D, rope.theta, rope.periods, q.device)
@@ -278,7 +278,7 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _A
     if layout is not None:
         V.check_max_seqlen(max_seqlen, layout.max_seqlen, ", from layout")
     return _Args(V.unit_last_stride(q), V.unit_last_stride(k), V.unit_last_stride(v),
-                 cu_seqlens.contiguous(), max_seqlen, float(softmax_scale),
+                 V.contiguous(cu_seqlens), max_seqlen, float(softmax_scale),
                  freqs, grids, coord_transform, P, layout)
 
 
