@@ -55,16 +55,19 @@ def bench(benchmark):
     return run
 
 
-def interleaved(rows: dict, rounds: int) -> dict:
+def interleaved(rows: dict, rounds: int, before=None) -> dict:
     """Median seconds of each row of `rows` (name -> callable), timing one call of every row per
     round, round after round: a load spike on a shared machine hits every row alike, so the ratios
-    between rows survive it. One untimed call per row first (compilation, caches)."""
+    between rows survive it. One untimed call per row first (compilation, caches). `before`, when
+    given, is called untimed before every timed call (to put every row in the same starting state)."""
     rows = {name: _synced(fn) for name, fn in rows.items()}
     for fn in rows.values():
         fn()
     times = {name: [] for name in rows}
     for _ in range(rounds):
         for name, fn in rows.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

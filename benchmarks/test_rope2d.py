@@ -9,9 +9,17 @@ DINOFAST_BENCH_THREADS torch threads (default 2):
   torch.compile(reference)   the reference, compiled
   clone floor                q.clone(), k.clone(): the floor of an out-of-place op
   copy floor                 copy_ into preallocated buffers: the floor of an in-place op
-Medians and ratios are printed (-s) and stored in each benchmark's extra_info; the timed body of
-the pytest-benchmark row is one round of all rows."""
+Groups come in fp32 and bf16 (every row in that dtype), and in two heap states:
+  fresh   glibc's free memory is returned to the system (malloc_trim) before every timed call, so
+          each out-of-place row, the op and the clone floor alike, pays the page faults of its
+          new outputs (7 MB per tensor at 768^2 B=1)
+  as-is   no intervention: whether a row's outputs land on pages the previous row left mapped
+          depends on glibc's trim threshold and on which row ran before (the fault counts show it)
+Medians, ratios and minor page faults per call are printed (-s) and stored in each benchmark's
+extra_info; the timed body of the pytest-benchmark row is one round of all rows."""
+import ctypes
 import functools
+import resource
 
 import pytest
 import torch
@@ -25,15 +33,46 @@ P, H, D = 5, 12, 64
 ROUNDS = 21
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @functools.lru_cache(maxsize=2)
-def inputs(res: str, B: int, layout: str):
+def inputs(res: str, B: int, layout: str, dtype: str = "fp32"):
     Hp, Wp = RESOLUTIONS[res]
     g = torch.Generator().manual_seed(0)
+    dt = DTYPES[dtype]
     if layout == "transformers":
-        q, k = (torch.randn(B, P + Hp * Wp, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(2))
+        q, k = (torch.randn(B, P + Hp * Wp, H, D, generator=g).to(DEVICE, dt).transpose(1, 2) for _ in range(2))
     else:
-        q, k = (torch.randn(B, H, P + Hp * Wp, D, generator=g).to(DEVICE) for _ in range(2))
+        q, k = (torch.randn(B, H, P + Hp * Wp, D, generator=g).to(DEVICE, dt) for _ in range(2))
     return q, k, (Hp, Wp)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0) as a callable, or None where there is no glibc (then no fresh groups)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+MALLOC_TRIM = _malloc_trim() if DEVICE.type == "cpu" else None
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _counting(fn, faults: list):
+    """fn, appending the minor page faults of each call to `faults` (two getrusage calls, ~1 us)."""
+    def run():
+        before = _minor_faults()
+        out = fn()
+        faults.append(_minor_faults() - before)
+        return out
+    return run
 
 
 def transformers_eager(q, k, grid):
@@ -81,20 +120,27 @@ def _rows(q, k, grid):
     return rows
 
 
+@pytest.mark.parametrize("pages", ["fresh", "as-is"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("layout", ["contiguous", "transformers"])
 @pytest.mark.parametrize("B", [1, 8])
 @pytest.mark.parametrize("res", list(RESOLUTIONS))
-def test_rope2d(benchmark, res, B, layout):
-    q, k, grid = inputs(res, B, layout)
-    benchmark.group = f"rope2d {res} B={B} {layout}"
-    rows = _rows(q, k, grid)
-    medians = interleaved(rows, ROUNDS)
+def test_rope2d(benchmark, res, B, layout, dtype, pages):
+    if pages == "fresh" and MALLOC_TRIM is None:
+        pytest.skip("fresh pages need glibc's malloc_trim on CPU")
+    q, k, grid = inputs(res, B, layout, dtype)
+    benchmark.group = f"rope2d {res} B={B} {layout} {dtype} {pages}"
+    faults = {}
+    rows = {name: _counting(fn, faults.setdefault(name, [])) for name, fn in _rows(q, k, grid).items()}
+    medians = interleaved(rows, ROUNDS, before=MALLOC_TRIM if pages == "fresh" else None)
+    faults = {name: sorted(f)[len(f) // 2] for name, f in faults.items()}
     compiled = medians["torch.compile(reference)"]
     lines = [f"{benchmark.group}, {THREADS} threads, {ROUNDS} interleaved rounds"]
     for name, sec in medians.items():
         floor = medians["copy floor" if name.endswith("in place") else "clone floor"]
         lines.append(f"  {name:26s} {sec * 1e3:9.3f} ms  {sec / floor:5.2f}x floor  "
-                     f"compile/row {compiled / sec:5.2f}x")
+                     f"compile/row {compiled / sec:5.2f}x  {faults[name]:6d} faults/call")
     print("\n".join(lines))
-    benchmark.extra_info.update(threads=THREADS, medians_ms={n: s * 1e3 for n, s in medians.items()})
+    benchmark.extra_info.update(threads=THREADS, medians_ms={n: s * 1e3 for n, s in medians.items()},
+                                minor_faults_per_call=faults)
     benchmark.pedantic(lambda: [fn() for fn in rows.values()], rounds=1, iterations=1)

@@ -54,6 +54,46 @@ def test_low_precision_against_fp64(kernel_backend, dtype, D):
     assert_close(out_k, ref_k, dtype)
 
 
+# The cpp row loops run in vectors (16 fp32 lanes with AVX-512, 8 with AVX2, a compile-time trip
+# count for D/4 == 16) with remainder iterations: head dims whose D/4 lies below, at, between and
+# across those widths, an odd token count, in every low-precision dtype, out of place and in place.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [4, 8, 12, 20, 36, 60, 64, 68, 72, 128, 132, 256])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_vector_widths(kernel_backend, D, dtype, layout):
+    grid, P = (3, 5), 2  # 17 tokens
+    q, k = batched_inputs(2, 3, grid, P, D, dtype=dtype, layout=layout, seed=D)
+    out_q, out_k = dinofast.rope2d(q, k, grid, num_prefix_tokens=P)
+    ref_q, ref_k = rope2d_reference(q.double(), k.double(), grid, num_prefix_tokens=P)
+    assert out_q.dtype == dtype and out_q.stride() == q.stride()
+    assert_close(out_q, ref_q, dtype)
+    assert_close(out_k, ref_k, dtype)
+    assert torch.equal(out_q[:, :, :P], q[:, :, :P]) and torch.equal(out_k[:, :, :P], k[:, :, :P])
+    q2, k2 = q.clone(), k.clone()  # same strides: the in-place rows alias their outputs
+    dinofast.rope2d_(q2, k2, grid, num_prefix_tokens=P)
+    assert torch.equal(q2, out_q) and torch.equal(k2, out_k), "in place must equal out of place bit for bit"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [12, 64, 72])
+def test_nan_inf_in_vector_lanes(kernel_backend, dtype, D):
+    """NaN and +-Inf in patch rows, at lanes inside a vector and in the remainder: NaN where the
+    reference has NaN (a NaN rounds to NaN in bf16/fp16, never to a finite value), in place too."""
+    q, k = batched_inputs(1, 2, (2, 3), 1, D, dtype=dtype, seed=12)
+    q[0, 0, 2, 0], q[0, 1, 3, D // 2 + 1], q[0, 1, 4, D - 1] = float("nan"), float("inf"), float("-inf")
+    k[0, 0, 5, D // 4], k[0, 1, 6, D // 2 - 1] = float("nan"), float("inf")
+    out_q, out_k = dinofast.rope2d(q, k, (2, 3), num_prefix_tokens=1)
+    ref_q, ref_k = rope2d_reference(q.double(), k.double(), (2, 3), num_prefix_tokens=1)
+    assert_nan_like(out_q, ref_q)
+    assert_nan_like(out_k, ref_k)
+    assert out_q.isnan().any() and out_k.isnan().any()
+    finite = ref_q.isfinite()
+    assert_close(out_q[finite], ref_q[finite], dtype)
+    q2, k2 = q.clone(), k.clone()
+    dinofast.rope2d_(q2, k2, (2, 3), num_prefix_tokens=1)
+    assert torch.equal(q2.isnan(), out_q.isnan()) and torch.equal(q2[~q2.isnan()], out_q[~out_q.isnan()])
+
+
 @pytest.mark.parametrize("D", [64, 80])
 def test_packed_equals_per_image_batched(kernel_backend, D):
     grids, P = [(3, 4), (1, 7), (5, 1), (2, 2)], 5
