@@ -6,6 +6,7 @@
 // outer for transformers' [B, N, H, D] buffer), so each thread streams through contiguous memory.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -241,9 +242,12 @@ void run_units_baseline(const Job<scalar_t, acc_t>& j, int64_t begin, int64_t en
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
+// The widest row loop this CPU runs, lowered to DINOFAST_CPU_ISA ("baseline", "avx2") when that
+// is set, so that tests can run every build of the loops on one machine (read per call: a getenv
+// is nothing next to a rotation, and a test can change it between calls).
 Isa cpu_isa() {
 #ifdef DF_ROPE_X86
-  static const Isa isa = [] {
+  static const Isa detected = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
@@ -251,7 +255,10 @@ Isa cpu_isa() {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
     return Isa::kBaseline;
   }();
-  return isa;
+  const char* cap = std::getenv("DINOFAST_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return Isa::kBaseline;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && detected == Isa::kAvx512) return Isa::kAvx2;
+  return detected;
 #else
   return Isa::kBaseline;
 #endif

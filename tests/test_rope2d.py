@@ -60,7 +60,10 @@ def test_low_precision_against_fp64(kernel_backend, dtype, D):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [4, 8, 12, 20, 36, 60, 64, 68, 72, 128, 132, 256])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-def test_vector_widths(kernel_backend, D, dtype, layout):
+@pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
+def test_vector_widths(kernel_backend, D, dtype, layout, isa, monkeypatch):
+    if isa != "native":  # the cpp kernel's narrower builds (a cap: a CPU without them runs its own)
+        monkeypatch.setenv("DINOFAST_CPU_ISA", isa)
     grid, P = (3, 5), 2  # 17 tokens
     q, k = batched_inputs(2, 3, grid, P, D, dtype=dtype, layout=layout, seed=D)
     out_q, out_k = dinofast.rope2d(q, k, grid, num_prefix_tokens=P)
