@@ -194,6 +194,49 @@ DF_ALWAYS_INLINE bool place(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t,
   return true;
 }
 
+// The heads of patch token t of batch row b: one angle row (patch (r, c) of image table `table`)
+// for all of them.
+template <typename scalar_t, typename acc_t>
+DF_ALWAYS_INLINE void rotate_heads(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t, int64_t table,
+                                   int64_t r, int64_t c) {
+  const AngleTables<acc_t>& tb = *j.tb;
+  const int64_t quarter = j.g->D / 4;
+  const int64_t yo = (tb.y_offset[table] + r) * quarter, xo = (tb.x_offset[table] + c) * quarter;
+  const acc_t *cy = tb.cos_y.data() + yo, *sy = tb.sin_y.data() + yo;
+  const acc_t *cx = tb.cos_x.data() + xo, *sx = tb.sin_x.data() + xo;
+  const scalar_t* qr = j.qi + b * j.sq[0] + t * j.sq[1];
+  const scalar_t* kr = j.ki + b * j.sk[0] + t * j.sk[1];
+  scalar_t* qw = j.qo + b * j.sqo[0] + t * j.sqo[1];
+  scalar_t* kw = j.ko + b * j.sko[0] + t * j.sko[1];
+  for (int64_t h = 0; h < j.g->H; ++h) {
+    rotate_row_any(qr + h * j.sq[2], qw + h * j.sqo[2], cy, sy, cx, sx, quarter);
+    rotate_row_any(kr + h * j.sk[2], kw + h * j.sko[2], cy, sy, cx, sx, quarter);
+  }
+}
+
+// The patch tokens of head h of batched image b, in token order: row pointers advance by the token
+// strides and the angle rows follow the grid's row and column.
+template <typename scalar_t, typename acc_t>
+DF_ALWAYS_INLINE void rotate_head_tokens(const Job<scalar_t, acc_t>& j, int64_t b, int64_t h, int64_t table) {
+  const Geometry& g = *j.g;
+  const AngleTables<acc_t>& tb = *j.tb;
+  const int64_t quarter = g.D / 4, t0 = g.num_prefix_tokens;
+  const scalar_t* qr = j.qi + b * j.sq[0] + t0 * j.sq[1] + h * j.sq[2];
+  const scalar_t* kr = j.ki + b * j.sk[0] + t0 * j.sk[1] + h * j.sk[2];
+  scalar_t* qw = j.qo + b * j.sqo[0] + t0 * j.sqo[1] + h * j.sqo[2];
+  scalar_t* kw = j.ko + b * j.sko[0] + t0 * j.sko[1] + h * j.sko[2];
+  const acc_t *cy = tb.cos_y.data() + tb.y_offset[table] * quarter, *sy = tb.sin_y.data() + tb.y_offset[table] * quarter;
+  const acc_t *cx0 = tb.cos_x.data() + tb.x_offset[table] * quarter, *sx0 = tb.sin_x.data() + tb.x_offset[table] * quarter;
+  for (int64_t r = 0; r < g.hp; ++r, cy += quarter, sy += quarter) {
+    const acc_t *cx = cx0, *sx = sx0;
+    for (int64_t c = 0; c < g.wp; ++c, cx += quarter, sx += quarter) {
+      rotate_row_any(qr, qw, cy, sy, cx, sx, quarter);
+      rotate_row_any(kr, kw, cy, sy, cx, sx, quarter);
+      qr += j.sq[1]; kr += j.sk[1]; qw += j.sqo[1]; kw += j.sko[1];
+    }
+  }
+}
+
 // Work units [begin, end): unit = (b, outer index), rows in the tensors' memory order.
 template <typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void run_units(const Job<scalar_t, acc_t>& j, int64_t begin, int64_t end) {
@@ -202,17 +245,14 @@ DF_ALWAYS_INLINE void run_units(const Job<scalar_t, acc_t>& j, int64_t begin, in
     const int64_t b = unit / j.outer, o = unit % j.outer;
     if (!j.heads_outer) {  // one token, every head
       int64_t table = 0, r = 0, c = 0;
-      const bool patch = place(j, b, o, table, r, c);
-      for (int64_t h = 0; h < g.H; ++h) do_row(j, b, o, h, table, r, c, !patch);
-    } else if (!g.packed) {  // one head, every token of image b: the patch counters walk the grid
+      if (place(j, b, o, table, r, c))
+        rotate_heads(j, b, o, table, r, c);
+      else
+        for (int64_t h = 0; h < g.H; ++h) do_row(j, b, o, h, table, 0, 0, true);
+    } else if (!g.packed) {  // one head, every token of image b (N = num_prefix_tokens + hp * wp)
       const int64_t table = j.per_image ? b : 0;
-      const int64_t P = std::min(g.num_prefix_tokens, g.N);
-      for (int64_t t = 0; t < P; ++t) do_row(j, b, t, o, table, 0, 0, true);
-      int64_t r = 0, c = 0;
-      for (int64_t t = P; t < g.N; ++t) {
-        do_row(j, b, t, o, table, r, c, false);
-        if (++c == g.wp) { c = 0; ++r; }
-      }
+      for (int64_t t = 0; t < g.num_prefix_tokens; ++t) do_row(j, b, t, o, table, 0, 0, true);
+      rotate_head_tokens(j, b, o, table);
     } else {  // packed tokens with heads outer (an unusual stride order): place each token
       for (int64_t t = 0; t < g.N; ++t) {
         int64_t table = 0, r = 0, c = 0;
