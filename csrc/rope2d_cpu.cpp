@@ -71,9 +71,9 @@ AngleTables<acc_t> build_tables(const Geometry& g, const int32_t* grids, const f
 
 // The row loops are plain C++ compiled three times, for AVX-512, AVX2+FMA and the baseline
 // (setup.py builds for the baseline x86-64 ISA, SSE2): the wrappers below carry the target and the
-// always-inline body takes it on, and the first call picks the widest the CPU runs. A memory-bound
-// fp32 row at SSE2 width costs ~1.4x a memcpy of it; bf16 rows, converted one element at a time,
-// ~3.5x.
+// always-inline body takes it on, and each call runs the widest the CPU has. fp32 rows are
+// memory-bound at any width; bf16 rows are not: converted one element at a time (SSE2) they cost
+// ~3.4x a memcpy of them, vectorised (AVX-512) ~1.2-1.4x.
 #define DF_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Element <-> compute type. bf16 is converted with bit operations (the same rounding as
