@@ -125,15 +125,27 @@ DF_ALWAYS_INLINE void rotate_row(const scalar_t* in, scalar_t* out, const acc_t*
   }
 }
 
+// cos/sin of patch (r, c) of image table `table`: y angles of row r, x angles of column c.
+template <typename acc_t>
+struct AngleRow {
+  const acc_t *cy, *sy, *cx, *sx;
+};
+
+template <typename acc_t>
+DF_ALWAYS_INLINE AngleRow<acc_t> angle_row(const AngleTables<acc_t>& tb, int64_t table, int64_t r, int64_t c,
+                                           int64_t quarter) {
+  const int64_t yo = (tb.y_offset[table] + r) * quarter, xo = (tb.x_offset[table] + c) * quarter;
+  return {tb.cos_y.data() + yo, tb.sin_y.data() + yo, tb.cos_x.data() + xo, tb.sin_x.data() + xo};
+}
+
 // A row of D/4 == 16 (head dim 64, DINOv3's): the trip count known at compile time, so each loop is
 // one 16-lane vector with no remainder.
 template <typename scalar_t, typename acc_t>
-DF_ALWAYS_INLINE void rotate_row_any(const scalar_t* in, scalar_t* out, const acc_t* cy, const acc_t* sy,
-                                     const acc_t* cx, const acc_t* sx, int64_t quarter) {
+DF_ALWAYS_INLINE void rotate_row_any(const scalar_t* in, scalar_t* out, const AngleRow<acc_t>& a, int64_t quarter) {
   if (quarter == 16)
-    rotate_row(in, out, cy, sy, cx, sx, 16);
+    rotate_row(in, out, a.cy, a.sy, a.cx, a.sx, 16);
   else
-    rotate_row(in, out, cy, sy, cx, sx, quarter);
+    rotate_row(in, out, a.cy, a.sy, a.cx, a.sx, quarter);
 }
 
 template <typename scalar_t>
@@ -168,12 +180,9 @@ DF_ALWAYS_INLINE void do_row(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t
     copy_row(kr, kw, D);
     return;
   }
-  const AngleTables<acc_t>& tb = *j.tb;
-  const int64_t yo = (tb.y_offset[table] + r) * quarter, xo = (tb.x_offset[table] + c) * quarter;
-  const acc_t *cy = tb.cos_y.data() + yo, *sy = tb.sin_y.data() + yo;
-  const acc_t *cx = tb.cos_x.data() + xo, *sx = tb.sin_x.data() + xo;
-  rotate_row_any(qr, qw, cy, sy, cx, sx, quarter);
-  rotate_row_any(kr, kw, cy, sy, cx, sx, quarter);
+  const AngleRow<acc_t> a = angle_row(*j.tb, table, r, c, quarter);
+  rotate_row_any(qr, qw, a, quarter);
+  rotate_row_any(kr, kw, a, quarter);
 }
 
 // Image table and patch (r, c) of token t of batch row b; false for a prefix token.
@@ -199,18 +208,15 @@ DF_ALWAYS_INLINE bool place(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t,
 template <typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void rotate_heads(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t, int64_t table,
                                    int64_t r, int64_t c) {
-  const AngleTables<acc_t>& tb = *j.tb;
   const int64_t quarter = j.g->D / 4;
-  const int64_t yo = (tb.y_offset[table] + r) * quarter, xo = (tb.x_offset[table] + c) * quarter;
-  const acc_t *cy = tb.cos_y.data() + yo, *sy = tb.sin_y.data() + yo;
-  const acc_t *cx = tb.cos_x.data() + xo, *sx = tb.sin_x.data() + xo;
+  const AngleRow<acc_t> a = angle_row(*j.tb, table, r, c, quarter);
   const scalar_t* qr = j.qi + b * j.sq[0] + t * j.sq[1];
   const scalar_t* kr = j.ki + b * j.sk[0] + t * j.sk[1];
   scalar_t* qw = j.qo + b * j.sqo[0] + t * j.sqo[1];
   scalar_t* kw = j.ko + b * j.sko[0] + t * j.sko[1];
   for (int64_t h = 0; h < j.g->H; ++h) {
-    rotate_row_any(qr + h * j.sq[2], qw + h * j.sqo[2], cy, sy, cx, sx, quarter);
-    rotate_row_any(kr + h * j.sk[2], kw + h * j.sko[2], cy, sy, cx, sx, quarter);
+    rotate_row_any(qr + h * j.sq[2], qw + h * j.sqo[2], a, quarter);
+    rotate_row_any(kr + h * j.sk[2], kw + h * j.sko[2], a, quarter);
   }
 }
 
@@ -219,19 +225,19 @@ DF_ALWAYS_INLINE void rotate_heads(const Job<scalar_t, acc_t>& j, int64_t b, int
 template <typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void rotate_head_tokens(const Job<scalar_t, acc_t>& j, int64_t b, int64_t h, int64_t table) {
   const Geometry& g = *j.g;
-  const AngleTables<acc_t>& tb = *j.tb;
   const int64_t quarter = g.D / 4, t0 = g.num_prefix_tokens;
   const scalar_t* qr = j.qi + b * j.sq[0] + t0 * j.sq[1] + h * j.sq[2];
   const scalar_t* kr = j.ki + b * j.sk[0] + t0 * j.sk[1] + h * j.sk[2];
   scalar_t* qw = j.qo + b * j.sqo[0] + t0 * j.sqo[1] + h * j.sqo[2];
   scalar_t* kw = j.ko + b * j.sko[0] + t0 * j.sko[1] + h * j.sko[2];
-  const acc_t *cy = tb.cos_y.data() + tb.y_offset[table] * quarter, *sy = tb.sin_y.data() + tb.y_offset[table] * quarter;
-  const acc_t *cx0 = tb.cos_x.data() + tb.x_offset[table] * quarter, *sx0 = tb.sin_x.data() + tb.x_offset[table] * quarter;
-  for (int64_t r = 0; r < g.hp; ++r, cy += quarter, sy += quarter) {
-    const acc_t *cx = cx0, *sx = sx0;
-    for (int64_t c = 0; c < g.wp; ++c, cx += quarter, sx += quarter) {
-      rotate_row_any(qr, qw, cy, sy, cx, sx, quarter);
-      rotate_row_any(kr, kw, cy, sy, cx, sx, quarter);
+  AngleRow<acc_t> a = angle_row(*j.tb, table, 0, 0, quarter);
+  const acc_t *cx0 = a.cx, *sx0 = a.sx;
+  for (int64_t r = 0; r < g.hp; ++r, a.cy += quarter, a.sy += quarter) {
+    a.cx = cx0;
+    a.sx = sx0;
+    for (int64_t c = 0; c < g.wp; ++c, a.cx += quarter, a.sx += quarter) {
+      rotate_row_any(qr, qw, a, quarter);
+      rotate_row_any(kr, kw, a, quarter);
       qr += j.sq[1]; kr += j.sk[1]; qw += j.sqo[1]; kw += j.sko[1];
     }
   }
