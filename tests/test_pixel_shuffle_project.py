@@ -253,15 +253,15 @@ def cpp_cpu():
         yield
 
 
-def _wide_inputs(dtype, packed, seed=20):
+def _wide_inputs(dtype, packed, seed=20, D=WIDE_D):
     if packed:
-        x, w, b, cu, g = packed_inputs(WIDE_PACKED, WIDE_P, WIDE_D, WIDE_OUT, WIDE_S, dtype, seed=seed)
+        x, w, b, cu, g = packed_inputs(WIDE_PACKED, WIDE_P, D, WIDE_OUT, WIDE_S, dtype, seed=seed)
         kw = dict(grids=g, factor=WIDE_S, num_prefix_tokens=WIDE_P, cu_seqlens=cu)
         images = [(int(cu[i]), hw) for i, hw in enumerate(WIDE_PACKED)]
         x3 = x[None]
     else:
         B, grid = WIDE_BATCHED
-        x, w, b = batched_inputs(B, grid, WIDE_P, WIDE_D, WIDE_OUT, WIDE_S, dtype, seed=seed)
+        x, w, b = batched_inputs(B, grid, WIDE_P, D, WIDE_OUT, WIDE_S, dtype, seed=seed)
         kw = dict(grids=grid, factor=WIDE_S, num_prefix_tokens=WIDE_P)
         images = [(0, grid)]
         x3 = x
@@ -290,6 +290,14 @@ def test_cpp_low_precision_across_panels(cpp_cpu, dtype, packed):
     assert_close(y, want, dtype)
     # and no worse than PyTorch's own GEMM in the dtype on the shuffled matrix
     assert_flash_rule(y, want, torch.nn.functional.linear(shuffled, w, b))
+
+
+def test_cpp_bf16_panel_rows_of_any_byte_alignment(cpp_cpu):
+    """D = 4100: runs of 8200 bytes, so multi-MiB panels (written with streaming stores) hold runs
+    that start off 16-byte alignment and runs whose length is not a multiple of 64 bytes."""
+    x, w, b, kw, shuffled = _wide_inputs(torch.bfloat16, packed=False, seed=25, D=4100)
+    y = dinofast.pixel_shuffle_project(x, w, b, **kw).flatten(0, 1)
+    assert_close(y, _fp64_rows(shuffled, w, b), torch.bfloat16)
 
 
 def test_cpp_bf16_nan_in_the_second_panel_reaches_only_its_row(cpp_cpu):
