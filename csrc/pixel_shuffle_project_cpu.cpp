@@ -23,7 +23,7 @@ constexpr int64_t kParallelBytes = int64_t(4) << 20;
 // Panels at least this large are written with streaming (non-temporal) stores: a multi-MiB panel
 // does not stay in L2 anyway, and ordinary stores first read every destination line, then leave it
 // dirty for the GEMM's own traffic to write back. Measured with bf16 GEMMs (AMX), 1 thread,
-// panels of 6-28 MiB: the whole op 3-5% faster; a 1.5 MiB panel 5% slower (the GEMM no longer
+// panels of 6-28 MiB: the whole op 1.5-5% faster; a 1.5 MiB panel 4-5% slower (the GEMM no longer
 // finds it in cache), hence the threshold.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
