@@ -55,11 +55,12 @@ def bench(benchmark):
     return run
 
 
-def interleaved(rows: dict, rounds: int, before=None) -> dict:
+def interleaved(rows: dict, rounds: int, before=None, clock=time.perf_counter) -> dict:
     """Median seconds of each row of `rows` (name -> callable), timing one call of every row per
     round, round after round: a load spike on a shared machine hits every row alike, so the ratios
     between rows survive it. One untimed call per row first (compilation, caches). `before`, when
-    given, is called untimed before every timed call (to put every row in the same starting state)."""
+    given, is called untimed before every timed call (to put every row in the same starting state).
+    `clock`: time.thread_time measures the work of a 1-thread CPU run without the time it waits for a core."""
     rows = {name: _synced(fn) for name, fn in rows.items()}
     for fn in rows.values():
         fn()
@@ -68,7 +69,7 @@ def interleaved(rows: dict, rounds: int, before=None) -> dict:
         for name, fn in rows.items():
             if before is not None:
                 before()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}

@@ -1,8 +1,13 @@
 // Pixel shuffle + projection on CPU: panels of the shuffled matrix are gathered into scratch with
-// at::parallel_for (one memcpy per (row, slot) run of D contiguous channels) and multiplied by
-// ATen's BLAS GEMM (MKL / oneDNN). Tiling and index map: pixel_shuffle_project.h.
+// at::parallel_for (one copy per (row, slot) run of D contiguous channels, streaming stores for
+// multi-MiB panels) and multiplied by ATen's BLAS GEMM (MKL / oneDNN; bf16 on AMX where present).
+// Tiling and index map: pixel_shuffle_project.h.
 #include <ATen/Parallel.h>
+#include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "pixel_shuffle_project.h"
 
@@ -15,6 +20,35 @@ constexpr const char* kOp = "pixel_shuffle_project";
 // millisecond, less than waking (and, on a busy machine, waiting for) a second thread.
 constexpr int64_t kParallelBytes = int64_t(4) << 20;
 
+// Panels at least this large are written with streaming (non-temporal) stores: a multi-MiB panel
+// does not stay in L2 anyway, and ordinary stores first read every destination line, then leave it
+// dirty for the GEMM's own traffic to write back. Measured with bf16 GEMMs (AMX), 1 thread,
+// panels of 6-28 MiB: the whole op 1.5-5% faster; a 1.5 MiB panel 4-5% slower (the GEMM no longer
+// finds it in cache), hence the threshold.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+// dst <- src, n bytes, with streaming stores where dst is 16-byte aligned (SSE2: every x86-64).
+inline void copy_streaming(char* dst, const char* src, int64_t n) {
+#if defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    if (i < n) std::memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
 // panel[i, j] = A[m0 + i, k0 + j]; copies runs of channels that stay inside one slot.
 void gather_cpu(const Geometry& g, const Packed& p, const at::Tensor& x, at::Tensor& panel, int64_t m0,
                 int64_t k0) {
@@ -22,6 +56,7 @@ void gather_cpu(const Geometry& g, const Packed& p, const at::Tensor& x, at::Ten
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(panel.data_ptr());
   const int64_t ld = panel.stride(0);
+  const bool streaming = rows * cols * es >= kStreamBytes;
   const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(1, cols * es));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -29,10 +64,19 @@ void gather_cpu(const Geometry& g, const Packed& p, const at::Tensor& x, at::Ten
       for (int64_t j = 0; j < cols;) {
         const int64_t k = k0 + j, slot = k / g.D, d = k % g.D;
         const int64_t run = std::min(g.D - d, cols - j);
-        std::memcpy(dst + (i * ld + j) * es, src + x_offset(g, r, slot, d) * es, run * es);
+        char* to = dst + (i * ld + j) * es;
+        const char* from = src + x_offset(g, r, slot, d) * es;
+        if (streaming) {
+          copy_streaming(to, from, run * es);
+        } else {
+          std::memcpy(to, from, run * es);
+        }
         j += run;
       }
     }
+#if defined(__SSE2__)
+    if (streaming) _mm_sfence();  // streaming stores are weakly ordered: drain them before the GEMM reads
+#endif
   });
 }
 

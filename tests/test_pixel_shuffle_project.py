@@ -10,7 +10,8 @@ import dinofast
 from dinofast import _backend
 from dinofast.reference.pixel_shuffle_project import (
     pixel_shuffle, pixel_shuffle_project_reference, shuffle_source_rows)
-from tests.conftest import DEVICE, assert_close, assert_nan_like, make_cu_seqlens, randn, with_debug_checks
+from tests.conftest import (
+    DEVICE, assert_close, assert_flash_rule, assert_nan_like, make_cu_seqlens, randn, with_debug_checks)
 
 # (grid, factor): rectangles for every s in {1, 2, 3, 4}
 GRIDS = [((3, 5), 1), ((4, 6), 2), ((6, 3), 3), ((8, 4), 4)]
@@ -229,6 +230,107 @@ def test_nan_in_a_patch_reaches_only_its_output_row(kernel_backend):
     want = pixel_shuffle_project_reference(*f64(x, w, b), grids=(4, 6), factor=2, num_prefix_tokens=5)
     assert_nan_like(y, want)
     assert y[0, 0].isnan().all() and not y[0, 1:].isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp in fp16/bf16 past one scratch panel: the CPU kernel gathers at most CPU_PANEL_BYTES of the
+# shuffled matrix at a time (kPanelBytes in csrc/pixel_shuffle_project.h, at least 256 rows), so
+# these shapes (D 4096, s 4: K = 65536, 512 rows of 16-bit values per panel) cross panel
+# boundaries in the middle of an image, after prefix tokens, in the forward, dx and dW passes.
+# ---------------------------------------------------------------------------------------------
+CPU_PANEL_BYTES = 64 << 20
+WIDE_D, WIDE_S, WIDE_OUT, WIDE_P = 4096, 4, 24, 5
+WIDE_BATCHED = (2, (64, 68))  # M = 2 * 16 * 17 = 544 rows: the boundary at row 512 is in image 1
+WIDE_PACKED = [(64, 68), (64, 72), (8, 4)]  # 272 + 288 + 2 rows: the boundary is in image 1
+
+
+@pytest.fixture
+def cpp_cpu():
+    reason = _backend.why_unavailable("cpp", "cpu")
+    if reason or DEVICE.type != "cpu":
+        pytest.skip(reason=f"the cpp backend on CPU: {reason or 'tests run on ' + DEVICE.type}")
+    with dinofast.backend("cpp"):
+        yield
+
+
+def _wide_inputs(dtype, packed, seed=20, D=WIDE_D):
+    if packed:
+        x, w, b, cu, g = packed_inputs(WIDE_PACKED, WIDE_P, D, WIDE_OUT, WIDE_S, dtype, seed=seed)
+        kw = dict(grids=g, factor=WIDE_S, num_prefix_tokens=WIDE_P, cu_seqlens=cu)
+        images = [(int(cu[i]), hw) for i, hw in enumerate(WIDE_PACKED)]
+        x3 = x[None]
+    else:
+        B, grid = WIDE_BATCHED
+        x, w, b = batched_inputs(B, grid, WIDE_P, D, WIDE_OUT, WIDE_S, dtype, seed=seed)
+        kw = dict(grids=grid, factor=WIDE_S, num_prefix_tokens=WIDE_P)
+        images = [(0, grid)]
+        x3 = x
+    # the shuffled matrix in the input dtype (a permutation: exact), [M, K]
+    shuffled = torch.cat([pixel_shuffle(x3[:, t0:t0 + WIDE_P + h * w_], h, w_, WIDE_S, WIDE_P).flatten(0, 1)
+                          for t0, (h, w_) in images])
+    assert shuffled.numel() * shuffled.element_size() > CPU_PANEL_BYTES, "the shape must span two panels"
+    return x, w, b, kw, shuffled
+
+
+def _fp64_rows(a, w, b=None, chunk=64):
+    """a [M, K] @ w.T (+ b) in fp64, a few rows at a time (the whole fp64 copy would be 4x x)."""
+    w64 = w.double()
+    out = torch.cat([a[i:i + chunk].double() @ w64.t() for i in range(0, a.shape[0], chunk)])
+    return out + b.double() if b is not None else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpp_low_precision_across_panels(cpp_cpu, dtype, packed):
+    x, w, b, kw, shuffled = _wide_inputs(dtype, packed)
+    y = dinofast.pixel_shuffle_project(x, w, b, **kw)
+    y = y[0] if packed else y.flatten(0, 1)
+    assert y.dtype == dtype and y.shape == (shuffled.shape[0], WIDE_OUT)
+    want = _fp64_rows(shuffled, w, b)
+    assert_close(y, want, dtype)
+    # and no worse than PyTorch's own GEMM in the dtype on the shuffled matrix
+    assert_flash_rule(y, want, torch.nn.functional.linear(shuffled, w, b))
+
+
+def test_cpp_bf16_panel_rows_of_any_byte_alignment(cpp_cpu):
+    """D = 4100: runs of 8200 bytes, so multi-MiB panels (written with streaming stores) hold runs
+    that start off 16-byte alignment and runs whose length is not a multiple of 64 bytes."""
+    x, w, b, kw, shuffled = _wide_inputs(torch.bfloat16, packed=False, seed=25, D=4100)
+    y = dinofast.pixel_shuffle_project(x, w, b, **kw).flatten(0, 1)
+    assert_close(y, _fp64_rows(shuffled, w, b), torch.bfloat16)
+
+
+def test_cpp_bf16_nan_in_the_second_panel_reaches_only_its_row(cpp_cpu):
+    x, w, b, kw, _ = _wide_inputs(torch.bfloat16, packed=False)
+    Gw, m = WIDE_BATCHED[1][1] // WIDE_S, 530 - 272  # output row 530 = image 1, row 258: (I, J) = (15, 3)
+    I, J = divmod(m, Gw)
+    x[1, WIDE_P + (I * WIDE_S + 1) * WIDE_BATCHED[1][1] + J * WIDE_S + 2, 7] = float("nan")  # slot (1, 2)
+    x[1, 0, 0] = float("inf")  # a prefix token: dropped
+    y = dinofast.pixel_shuffle_project(x, w, b, **kw)
+    nan_rows = y.isnan().any(-1).nonzero().tolist()
+    assert nan_rows == [[1, m]] and y[1, m].isnan().all()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpp_bf16_gradients_across_panels(cpp_cpu, packed):
+    dtype = torch.bfloat16
+    x, w, b, kw, shuffled = _wide_inputs(dtype, packed, seed=30)
+    M = shuffled.shape[0]
+    grad_y = randn(M, WIDE_OUT, dtype=dtype, seed=31)
+    gx, gw, gb = _grads(lambda *a: dinofast.pixel_shuffle_project(*a, **kw), x, w, b,
+                        grad_y if packed else grad_y.view(WIDE_BATCHED[0], -1, WIDE_OUT))
+    # the oracle: dW = grad_y^T A and db = sum grad_y in fp64; dx = grad_y W un-shuffled onto the
+    # patch rows (zero on the prefix rows), by autograd through the reference's shuffle in fp64
+    assert_close(gw, _fp64_rows(grad_y.t(), shuffled.t()), dtype)
+    assert_close(gb, grad_y.double().sum(0), dtype)
+    x64 = x.double().requires_grad_()
+    x3 = x64[None] if packed else x64
+    images = ([(int(kw["cu_seqlens"][i]), hw) for i, hw in enumerate(WIDE_PACKED)] if packed
+              else [(0, WIDE_BATCHED[1])])
+    a64 = torch.cat([pixel_shuffle(x3[:, t0:t0 + WIDE_P + h * w_], h, w_, WIDE_S, WIDE_P).flatten(0, 1)
+                     for t0, (h, w_) in images])
+    a64.backward(grad_y.double() @ w.double())
+    assert_close(gx, x64.grad, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
