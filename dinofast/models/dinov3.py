@@ -181,33 +181,42 @@ def _concat_qkv(projs) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
-    """(weight [3C, C], bias [3C] or None, cached): q_proj | k_proj | v_proj concatenated.
-
-    Built once and kept (detached) in the attention module, keyed by the identity and version
-    counter of each of the six tensors: an optimizer step, an in-place edit, load_state_dict or
-    .to() changes a key and the next call rebuilds it. Costs 3*C*C extra values per layer.
-    Not cached (cached=False, a differentiable concatenation) while a compiler traces (the graph
-    gets the concatenation, which the compiler may constant-fold) or for inference tensors (no
-    version counter)."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if _tracing(attn.q_proj.weight):
-        return (*_concat_qkv(projs), False)
-    key = _version_key(*(p.weight for p in projs), *(p.bias for p in projs))
+def _cached(module: nn.Module, name: str, sources: Sequence[Tensor | None], build) -> tuple[Tensor, bool]:
+    """(build(), cached): a tensor derived from `sources` (parameters), kept detached in
+    module.__dict__[name] and keyed by the identity and version counter of each source, so an
+    optimizer step, an in-place edit, load_state_dict or .to() changes the key and the next call
+    rebuilds it. Not kept (cached=False, build() called every time, differentiably) while a
+    compiler traces (the graph gets the computation, which the compiler may constant-fold) or for
+    inference tensors (no version counter)."""
+    if _tracing(sources[0]):
+        return build(), False
+    key = _version_key(*sources)
     if key is None:
-        return (*_concat_qkv(projs), False)
-    cached = attn.__dict__.get("_dinofast_qkv")
+        return build(), False
+    cached = module.__dict__.get(name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, *_concat_qkv(projs))
-        attn.__dict__["_dinofast_qkv"] = cached
-    return cached[1], cached[2], True
+            cached = (key, build())
+        module.__dict__[name] = cached
+    return cached[1], True
 
 
-def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
+def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
+    """(weight [3C, C], bias [3C] or None, cached): q_proj | k_proj | v_proj concatenated, cached
+    by _cached (3*C*C extra values per layer)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    (weight, bias), cached = _cached(attn, "_dinofast_qkv", [*(p.weight for p in projs), *(p.bias for p in projs)],
+                                     lambda: _concat_qkv(projs))
+    return weight, bias, cached
+
+
+def _qkv_projection(attn, hidden_states: Tensor, onednn: bool = False) -> Tensor:
     """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM with the
-    cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters."""
+    cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters.
+    onednn: the CPU inference path (see _cpu_inference), bias in the GEMM epilogue."""
     weight, bias, cached = _fused_qkv(attn)
+    if onednn:
+        return _onednn_linear(hidden_states, weight, bias).unflatten(-1, (3, attn.num_heads, attn.head_dim))
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     params = [p.weight for p in projs] + [p.bias for p in projs]
     needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
@@ -225,9 +234,11 @@ def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _P
     return attn.o_proj(_attention_heads(attn, hidden_states, plan))
 
 
-def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan]) -> Tensor:
-    """_attention_forward before the output projection: the heads' outputs, [..., C]."""
-    qkv = _qkv_projection(attn, hidden_states)
+def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan],
+                     onednn: bool = False) -> Tensor:
+    """_attention_forward before the output projection: the heads' outputs, [..., C].
+    onednn: the CPU inference path (see _cpu_inference)."""
+    qkv = _qkv_projection(attn, hidden_states, onednn)
     q, k, v = qkv.unbind(-3)  # views, [..., H, D]
     if isinstance(plan, _PackedPlan):
         out = _attend_packed(q, k, v, plan, attn.scaling)
@@ -241,18 +252,36 @@ def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _Pac
 
 
 @functools.lru_cache(maxsize=None)
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes of the CPU oneDNN path: fp32, and bf16 where oneDNN runs it natively (AVX-512 BF16
+    / AMX; elsewhere ATen's own bf16 GEMM is the better choice). Empty without oneDNN post-ops."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return ()
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return bool(_onednn_dtypes())
 
 
 def _cpu_inference(layer, x: Tensor) -> bool:
-    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval),
-    no autocast (its GEMMs would hand bf16 activations to the fp32 post-op GEMMs)."""
+    """True where the oneDNN path runs: contiguous fp32 (or natively supported bf16) CPU tensors in
+    the layer's dtype, no autograd, no drop-path (eval), no autocast (its GEMMs would hand
+    activations of another dtype to the post-op GEMMs)."""
     # Compilers take the plain path: Inductor does not lower mkldnn._linear_pointwise (it fuses
     # the same epilogues itself) and export has no fake kernel for it.
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not layer.training and x.is_contiguous()
-            and not _tracing(x) and _onednn_linear_available())
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not layer.training and x.is_contiguous() and not _tracing(x) and x.dtype in _onednn_dtypes()
+            and x.dtype == layer.attention.o_proj.weight.dtype)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
+    """activation(x @ weight.T + bias) as one oneDNN GEMM (CPU inference path): the bias and the
+    activation ("none", "gelu" (erf), "swish") run in the GEMM's epilogue. ATen's bf16 addmm first
+    copies the broadcast bias into the output and accumulates onto it, one more pass over the
+    output, which costs as much as a third of a bf16 GEMM at ViT sizes."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [],
+                                              "none" if activation == "gelu" else "")
 
 
 def _mlp_hidden(mlp, x: Tensor) -> Tensor:
@@ -263,17 +292,19 @@ def _mlp_hidden(mlp, x: Tensor) -> Tensor:
     if mlp.config.hidden_act not in (("silu", "swish") if gated else ("gelu",)):
         return None
     first = mlp.gate_proj if gated else mlp.up_proj
-    h = torch.ops.mkldnn._linear_pointwise(x, first.weight, first.bias, "swish" if gated else "gelu", [],
-                                           "" if gated else "none")
-    return h.mul_(mlp.up_proj(x)) if gated else h
+    h = _onednn_linear(x, first.weight, first.bias, "swish" if gated else "gelu")
+    return h.mul_(_onednn_linear(x, mlp.up_proj.weight, mlp.up_proj.bias)) if gated else h
 
 
 def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Tensor:
     """residual + scale * linear(x) as ONE GEMM (CPU inference path): LayerScale folded into the
-    weight rows (a [C, K] multiply, small next to the GEMM over the tokens), residual added in the
-    GEMM epilogue (oneDNN binary post-op)."""
-    weight = linear.weight * scale[:, None]
-    bias = None if linear.bias is None else linear.bias * scale
+    weight rows, residual added in the GEMM epilogue (oneDNN binary post-op). The scaled weight and
+    bias are cached in `linear` (by _cached: C_out*C_in extra values), since scaling them on every
+    call costs a third to a half of the GEMM itself (a fresh [C_out, C_in] buffer each time)."""
+    def build():
+        return linear.weight * scale[:, None], None if linear.bias is None else linear.bias * scale
+
+    (weight, bias), _ = _cached(linear, "_dinofast_scaled", [linear.weight, linear.bias, scale], build)
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
@@ -304,7 +335,7 @@ def _layer_forward(layer, hidden_states: Tensor, plan, **kwargs) -> Tensor:
     kwargs: transformers' per-call options (output_attentions), handed to the attention module."""
     attn = layer.attention
     if _cpu_inference(layer, hidden_states) and _unhooked(attn) and not _attentions_requested(kwargs):
-        h = _attention_heads(attn, layer.norm1(hidden_states), plan)
+        h = _attention_heads(attn, layer.norm1(hidden_states), plan, onednn=True)
         hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
         x = layer.norm2(hidden_states)
         h = _mlp_hidden(layer.mlp, x)
