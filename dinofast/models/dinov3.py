@@ -200,8 +200,25 @@ def _concat_qkv(projs) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def _cached(module: nn.Module, name: str, sources: Sequence[Tensor | None], build) -> tuple[Tensor, bool]:
-    """(build(), cached): a tensor derived from `sources` (parameters), kept detached in
+class _CacheSlot:
+    """A value derived from parameters and the key it was built for (see _cached). Copies and
+    pickles as empty (rebuilt on first use): oneDNN-packed tensors can be neither deep-copied nor
+    pickled, and a copy would only carry derived tensors its own parameters do not match."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, key=None, value=None):
+        self.key, self.value = key, value
+
+    def __deepcopy__(self, memo):
+        return _CacheSlot()
+
+    def __reduce__(self):
+        return _CacheSlot, ()
+
+
+def _cached(module: nn.Module, name: str, sources: Sequence[Tensor | None], build) -> tuple[object, bool]:
+    """(build(), cached): a value derived from `sources` (parameters), kept detached in
     module.__dict__[name] and keyed by the identity and version counter of each source, so an
     optimizer step, an in-place edit, load_state_dict or .to() changes the key and the next call
     rebuilds it. Not kept (cached=False, build() called every time, differentiably) while a
@@ -212,12 +229,12 @@ def _cached(module: nn.Module, name: str, sources: Sequence[Tensor | None], buil
     key = _version_key(*sources)
     if key is None:
         return build(), False
-    cached = module.__dict__.get(name)
-    if cached is None or cached[0] != key:
+    slot = module.__dict__.get(name)
+    if slot is None or slot.key != key:
         with torch.no_grad():
-            cached = (key, build())
-        module.__dict__[name] = cached
-    return cached[1], True
+            slot = _CacheSlot(key, build())
+        module.__dict__[name] = slot
+    return slot.value, True
 
 
 def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
@@ -233,9 +250,12 @@ def _qkv_projection(attn, hidden_states: Tensor, onednn: bool = False) -> Tensor
     """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM with the
     cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters.
     onednn: the CPU inference path (see _cpu_inference), bias in the GEMM epilogue."""
-    weight, bias, cached = _fused_qkv(attn)
     if onednn:
-        return _onednn_linear(hidden_states, weight, bias).unflatten(-1, (3, attn.num_heads, attn.head_dim))
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        params = _onednn_params(attn, "_dinofast_qkv_onednn", [*(p.weight for p in projs), *(p.bias for p in projs)],
+                                lambda: _concat_qkv(projs))
+        return _onednn_linear(hidden_states, params).unflatten(-1, (3, attn.num_heads, attn.head_dim))
+    weight, bias, cached = _fused_qkv(attn)
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     params = [p.weight for p in projs] + [p.bias for p in projs]
     needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
@@ -294,11 +314,33 @@ def _cpu_inference(layer, x: Tensor) -> bool:
             and x.dtype == layer.attention.o_proj.weight.dtype)
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
-    """activation(x @ weight.T + bias) as one oneDNN GEMM (CPU inference path): the bias and the
-    activation ("none", "gelu" (erf), "swish") run in the GEMM's epilogue. ATen's bf16 addmm first
-    copies the broadcast bias into the output and accumulates onto it, one more pass over the
-    output, which costs as much as a third of a bf16 GEMM at ViT sizes."""
+def _onednn_params(module: nn.Module, name: str, sources: Sequence[Tensor | None], build
+                   ) -> tuple[Tensor, Tensor | None]:
+    """build()'s (weight [C_out, C_in], bias) for the oneDNN GEMMs, the weight in oneDNN's packed
+    layout (blocked for AMX / AVX-512) and cached in `module` (see _cached): given a plain weight,
+    oneDNN re-packs it on every call, which costs as much as the GEMM itself at a few hundred
+    tokens. Costs one packed copy of each weight. Inference tensors: plain, built per call."""
+    if _version_key(*sources) is None:
+        return build()
+
+    def packed():
+        weight, bias = build()
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+
+    return _cached(module, name, sources, packed)[0]
+
+
+def _linear_params(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    return _onednn_params(linear, "_dinofast_onednn", [linear.weight, linear.bias],
+                          lambda: (linear.weight, linear.bias))
+
+
+def _onednn_linear(x: Tensor, params: tuple[Tensor, Tensor | None], activation: str = "none") -> Tensor:
+    """activation(x @ weight.T + bias) as one oneDNN GEMM (CPU inference path), params from
+    _onednn_params: the bias and the activation ("none", "gelu" (erf), "swish") run in the GEMM's
+    epilogue. ATen's bf16 addmm first copies the broadcast bias into the output and accumulates onto
+    it, one more pass over the output."""
+    weight, bias = params
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [],
                                               "none" if activation == "gelu" else "")
 
@@ -311,19 +353,18 @@ def _mlp_hidden(mlp, x: Tensor) -> Tensor:
     if mlp.config.hidden_act not in (("silu", "swish") if gated else ("gelu",)):
         return None
     first = mlp.gate_proj if gated else mlp.up_proj
-    h = _onednn_linear(x, first.weight, first.bias, "swish" if gated else "gelu")
-    return h.mul_(_onednn_linear(x, mlp.up_proj.weight, mlp.up_proj.bias)) if gated else h
+    h = _onednn_linear(x, _linear_params(first), "swish" if gated else "gelu")
+    return h.mul_(_onednn_linear(x, _linear_params(mlp.up_proj))) if gated else h
 
 
 def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Tensor:
     """residual + scale * linear(x) as ONE GEMM (CPU inference path): LayerScale folded into the
-    weight rows, residual added in the GEMM epilogue (oneDNN binary post-op). The scaled weight and
-    bias are cached in `linear` (by _cached: C_out*C_in extra values), since scaling them on every
-    call costs a third to a half of the GEMM itself (a fresh [C_out, C_in] buffer each time)."""
+    weight rows (built once, see _onednn_params), residual added in the GEMM epilogue (oneDNN binary
+    post-op)."""
     def build():
         return linear.weight * scale[:, None], None if linear.bias is None else linear.bias * scale
 
-    (weight, bias), _ = _cached(linear, "_dinofast_scaled", [linear.weight, linear.bias, scale], build)
+    weight, bias = _onednn_params(linear, "_dinofast_scaled", [linear.weight, linear.bias, scale], build)
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
