@@ -541,18 +541,6 @@ void round_row(const float* x, uint16_t* y, int64_t n) {
   }
 }
 
-// s[j] = s[j] * scale (the scores: scale times the finished dot products); returns their max.
-DF_MULTIVERSION float scale_row_max(float* s, int64_t n, float scale) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = s[j] * scale;
-    s[j] = x;
-    m = x > m ? x : m;
-  }
-  return m;
-}
-
 // s[j] = exp(s[j] * scale - lse[j]): the probabilities of one key against a row of queries.
 DF_MULTIVERSION void exp_scaled_minus(float* s, int64_t n, float scale, const float* lse) {
 #pragma omp simd
@@ -563,6 +551,120 @@ DF_MULTIVERSION void exp_scaled_minus(float* s, int64_t n, float scale, const fl
 DF_MULTIVERSION void softmax_grad_cols(const float* p, float* dp, int64_t n, const float* delta) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta[j]);
+}
+
+// The elementwise passes between the low-precision gemms, fused: each reads a row of fp32 scores
+// once and writes the dtype's operand for the next gemm. AVX-512 versions (exp by 2^n scaling with
+// vscalefps, rounding by vcvtneps2bf16) where the CPU has them (every CPU with AMX does); the
+// portable loops otherwise.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DF_HAVE_AVX512_PATH 1
+#include <immintrin.h>
+#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// exp(x) by fast_exp's reduction and polynomial, 16 lanes at a time; vscalefps applies 2^n with
+// IEEE overflow and underflow, so only -inf needs a clamp (to -104, where exp rounds to 0). A NaN
+// lane stays NaN (max(lo, x) returns x for a NaN x). +inf never reaches it: every caller subtracts
+// the row's max score or its log-sum-exp.
+DF_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16.
+DF_AVX512 inline __m256i to_bf16x16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+
+DF_AVX512 inline __mmask16 tail_mask(int64_t rem) {
+  return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
+}
+
+// p[j] = bf16(exp(s[j] * scale - shift)); returns the fp32 sum of the exps.
+DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, float shift, uint16_t* p) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(shift), sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), sc), sh));
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+    _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// s[j] = exp(s[j] * scale - lse[j]) in fp32, and p[j] = its bf16 rounding.
+DF_AVX512 void exp_scaled_minus_to_bf16_avx512(float* s, int64_t n, float scale, const float* lse, uint16_t* p) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), sc);
+    const __m512 e = exp16(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, lse + j)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
+  }
+}
+
+// ds[j] = bf16(p[j] * (dp[j] - delta[j])).
+DF_AVX512 void softmax_grad_to_bf16_avx512(const float* p, const float* dp, int64_t n, const float* delta,
+                                           uint16_t* ds) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + j), _mm512_maskz_loadu_ps(m, delta + j));
+    _mm256_mask_storeu_epi16(ds + j, m, to_bf16x16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), g)));
+  }
+}
+#endif
+
+template <typename scalar_t>
+constexpr bool kIsBf16 = std::is_same<scalar_t, at::BFloat16>::value;
+
+// P row of the forward: p = round(exp(s * scale - shift)) (s: dot products, clobbered); returns
+// the fp32 sum of the exps.
+template <typename scalar_t>
+float exp_sum_to_lp(float* s, int64_t n, float scale, float shift, uint16_t* p) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (kIsBf16<scalar_t> && cpu_has_avx512()) return exp_sum_to_bf16_avx512(s, n, scale, shift, p);
+#endif
+  scale_row(s, n, scale);
+  const float sum = exp_shift_sum(s, n, shift);
+  round_row<scalar_t>(s, p, n);
+  return sum;
+}
+
+// P^T row of the backward: s = exp(s * scale - lse) in fp32 (kept for dS), p = its rounding.
+template <typename scalar_t>
+void exp_scaled_minus_to_lp(float* s, int64_t n, float scale, const float* lse, uint16_t* p) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (kIsBf16<scalar_t> && cpu_has_avx512()) return exp_scaled_minus_to_bf16_avx512(s, n, scale, lse, p);
+#endif
+  exp_scaled_minus(s, n, scale, lse);
+  round_row<scalar_t>(s, p, n);
+}
+
+// dS^T row of the backward: ds = round(p * (dp - delta)) (dp overwritten).
+template <typename scalar_t>
+void softmax_grad_to_lp(const float* p, float* dp, int64_t n, const float* delta, uint16_t* ds) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (kIsBf16<scalar_t> && cpu_has_avx512()) return softmax_grad_to_bf16_avx512(p, dp, n, delta, ds);
+#endif
+  softmax_grad_cols(p, dp, n, delta);
+  round_row<scalar_t>(dp, ds, n);
 }
 
 // Rows [row0, row0 + n) of head h of x as scalar_t rows dst [n, D]: patch rows rotated in fp32 and
@@ -656,12 +758,12 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         gemm_packed<scalar_t>(M, N, D, qrows + b0 * ldq, ldq, st.kpack.data(), D * kPackN, S, kBlockK, false);
         for (int64_t r = 0; r < M; ++r) {  // online softmax; P rounded to scalar_t for the P V gemm
           float* srow = S + r * kBlockK;
-          const float m_new = std::max(m[r], scale_row_max(srow, N, p.scale));
+          // max of the scores = scale * (max of the dots): rounding is monotone and scale > 0
+          const float m_new = std::max(m[r], row_max(srow, N) * p.scale);
           const float alpha = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + exp_shift_sum(srow, N, m_new);
+          l[r] = l[r] * alpha + exp_sum_to_lp<scalar_t>(srow, N, p.scale, m_new, Pm + r * kBlockK);
           if (alpha != 1.f) scale_row(o + r * D, D, alpha);
           m[r] = m_new;
-          round_row<scalar_t>(srow, Pm + r * kBlockK, N);
           if (Np != N) Pm[r * kBlockK + N] = 0;  // the zero row of the packed V meets a zero here
         }
         gemm_packed<scalar_t>(M, D, Np, Pm, kBlockK, st.vpack.data(), Np * kPackN, o, D, true);  // O += P V
@@ -761,8 +863,7 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
         const uint16_t* gt_pack = st.gt_pack.data() + (q0 / kPackN) * D * kPackN;
         gemm_packed<scalar_t>(N, M, D, krows + k0 * ldk, ldk, qt_pack, D * kPackN, S, B, false);  // S^T = K Q^T
         for (int64_t r = 0; r < N; ++r) {  // P^T, rounded for dV
-          exp_scaled_minus(S + r * B, M, p.scale, lse_row + q0);
-          round_row<scalar_t>(S + r * B, Pt + r * B, M);
+          exp_scaled_minus_to_lp<scalar_t>(S + r * B, M, p.scale, lse_row + q0, Pt + r * B);
           if (Mp != M) Pt[r * B + M] = 0;  // meets the zero pad row of the packed dO
         }
         // dV += P^T dO (the packed rows of dO start at query q0: pair q0 / 2)
@@ -770,8 +871,7 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
                               D, true);
         gemm_packed<scalar_t>(N, M, D, vrows + k0 * sv.t, sv.t, gt_pack, D * kPackN, dP, B, false);  // dP^T = V dO^T
         for (int64_t r = 0; r < N; ++r) {  // dS^T, rounded for dK and dQ
-          softmax_grad_cols(S + r * B, dP + r * B, M, st.delta.data() + q0);
-          round_row<scalar_t>(dP + r * B, dSt + r * B, M);
+          softmax_grad_to_lp<scalar_t>(S + r * B, dP + r * B, M, st.delta.data() + q0, dSt + r * B);
           if (Mp != M) dSt[r * B + M] = 0;
         }
         gemm_packed<scalar_t>(N, D, Mp, dSt, B, st.q_pack.data() + q0 * kPackN, Lp * kPackN, st.dk.data() + k0 * D,
