@@ -541,8 +541,9 @@ void round_row(const float* x, uint16_t* y, int64_t n) {
   }
 }
 
-// s[j] = exp(s[j] * scale - lse[j]): the probabilities of one key against a row of queries.
-DF_MULTIVERSION void exp_scaled_minus(float* s, int64_t n, float scale, const float* lse) {
+// s[j] = exp(s[j] * scale - lse[j]): the probabilities of one key against a row of queries. The
+// product is rounded before the subtraction (no fma contraction), as the reference's scores are.
+DF_MULTIVERSION __attribute__((optimize("fp-contract=off"))) void exp_scaled_minus(float* s, int64_t n, float scale, const float* lse) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] * scale - lse[j]);
 }
@@ -591,6 +592,13 @@ DF_AVX512 inline __m512 exp16(__m512 x) {
 // 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16.
 DF_AVX512 inline __m256i to_bf16x16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
 
+// The scores are scale * dot rounded, then shifted: a contraction into one fma (which GCC does to
+// a mul and a sub) would skip that rounding, and with a huge softmax_scale turn the row max's 0
+// into +-1e31.
+DF_AVX512 inline __m512 mul_rounded(__m512 a, __m512 b) {
+  return _mm512_mul_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 DF_AVX512 inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
 }
@@ -601,7 +609,7 @@ DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, f
   const __m512 sh = _mm512_set1_ps(shift), sc = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), sc), sh));
+    const __m512 e = exp16(_mm512_sub_ps(mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc), sh));
     sum = _mm512_mask_add_ps(sum, m, sum, e);
     _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
   }
@@ -613,7 +621,7 @@ DF_AVX512 void exp_scaled_minus_to_bf16_avx512(float* s, int64_t n, float scale,
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
-    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), sc);
+    const __m512 x = mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc);
     const __m512 e = exp16(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, lse + j)));
     _mm512_mask_storeu_ps(s + j, m, e);
     _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
