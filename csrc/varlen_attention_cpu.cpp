@@ -264,6 +264,34 @@ RopeTables* tables_for(RopeTables& tables, const Problem& p, const RopeInput& ri
   return &tables;
 }
 
+// Data pointers and (token, head) strides of the forward's and the backward's tensors.
+template <typename scalar_t>
+struct FwdPointers {
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  float* lse;
+  Strides sq, sk, sv, so;
+  FwdPointers(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, at::Tensor& out_, at::Tensor& lse_)
+      : q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()),
+        out(out_.data_ptr<scalar_t>()), lse(lse_.data_ptr<float>()), sq(strides_of(q_)), sk(strides_of(k_)),
+        sv(strides_of(v_)), so(strides_of(out_)) {}
+};
+
+template <typename scalar_t>
+struct BwdPointers {
+  const scalar_t *q, *k, *v, *dout, *out;
+  const float* lse;
+  scalar_t *dq, *dk, *dv;
+  Strides sq, sk, sv, sg, so, sdq, sdk, sdv;
+  BwdPointers(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+              const at::Tensor& out_, const at::Tensor& lse_, at::Tensor& dq_, at::Tensor& dk_, at::Tensor& dv_)
+      : q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()),
+        dout(dout_.data_ptr<scalar_t>()), out(out_.data_ptr<scalar_t>()), lse(lse_.data_ptr<float>()),
+        dq(dq_.data_ptr<scalar_t>()), dk(dk_.data_ptr<scalar_t>()), dv(dv_.data_ptr<scalar_t>()),
+        sq(strides_of(q_)), sk(strides_of(k_)), sv(strides_of(v_)), sg(strides_of(dout_)), so(strides_of(out_)),
+        sdq(strides_of(dq_)), sdk(strides_of(dk_)), sdv(strides_of(dv_)) {}
+};
+
 // A forward task owns up to kMaxBlocksPerTask query tiles of one (segment, head): each K/V tile it
 // packs (converted, rotated) serves all of them. Fewer tiles per task when tasks would be too few to
 // keep every thread busy.
@@ -308,12 +336,11 @@ template <typename scalar_t>
 void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                  at::Tensor& lse, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
   const int64_t D = p.D;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  float* lp = lse.data_ptr<float>();
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), so = strides_of(out);
+  const FwdPointers<scalar_t> t(q, k, v, out, lse);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v;
+  scalar_t* op = t.out;
+  float* lp = t.lse;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, so = t.so;
   // fp32 K/V without rotation feed the gemms in place (row stride = the tensor's T stride)
   const bool kv_in_place = std::is_same<scalar_t, float>::value;
   const bool k_in_place = kv_in_place && !p.has_rope;
@@ -386,17 +413,11 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
                   at::Tensor& dv, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
   const int64_t D = p.D, B = kBlockBwd;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  const scalar_t* gp = dout.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const float* lp = lse.data_ptr<float>();
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
-  scalar_t* dkp = dk.data_ptr<scalar_t>();
-  scalar_t* dvp = dv.data_ptr<scalar_t>();
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sg = strides_of(dout),
-                so = strides_of(out), sdq = strides_of(dq), sdk = strides_of(dk), sdv = strides_of(dv);
+  const BwdPointers<scalar_t> t(dout, q, k, v, out, lse, dq, dk, dv);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v, *gp = t.dout, *op = t.out;
+  const float* lp = t.lse;
+  scalar_t *dqp = t.dq, *dkp = t.dk, *dvp = t.dv;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, sg = t.sg, so = t.so, sdq = t.sdq, sdk = t.sdk, sdv = t.sdv;
 
   std::vector<Task> tasks = backward_tasks(p, segs);
   run_tasks<BwdState>(tasks, [&](const Task& task, BwdState& st) {
@@ -716,12 +737,11 @@ template <typename scalar_t>
 void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
   const int64_t D = p.D, P = p.num_prefix_tokens;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  float* lp = lse.data_ptr<float>();
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), so = strides_of(out);
+  const FwdPointers<scalar_t> t(q, k, v, out, lse);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v;
+  scalar_t* op = t.out;
+  float* lp = t.lse;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, so = t.so;
   const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
   std::vector<Task> tasks = forward_tasks(p, segs);
   run_tasks<FwdLpState>(tasks, [&](const Task& task, FwdLpState& st) {
@@ -800,17 +820,11 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
                      at::Tensor& dk, at::Tensor& dv, const std::vector<std::pair<int64_t, int64_t>>& segs,
                      const RopeInput& ri) {
   const int64_t D = p.D, B = kBlockBwd, P = p.num_prefix_tokens;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  const scalar_t* gp = dout.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const float* lp = lse.data_ptr<float>();
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
-  scalar_t* dkp = dk.data_ptr<scalar_t>();
-  scalar_t* dvp = dv.data_ptr<scalar_t>();
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sg = strides_of(dout),
-                so = strides_of(out), sdq = strides_of(dq), sdk = strides_of(dk), sdv = strides_of(dv);
+  const BwdPointers<scalar_t> t(dout, q, k, v, out, lse, dq, dk, dv);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v, *gp = t.dout, *op = t.out;
+  const float* lp = t.lse;
+  scalar_t *dqp = t.dq, *dkp = t.dk, *dvp = t.dv;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, sg = t.sg, so = t.so, sdq = t.sdq, sdk = t.sdk, sdv = t.sdv;
   const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
   std::vector<Task> tasks = backward_tasks(p, segs);
   run_tasks<BwdLpState>(tasks, [&](const Task& task, BwdLpState& st) {

@@ -186,11 +186,9 @@ def test_low_precision_against_fp64(kernel_backend, dtype, rope, layout):
 NAN_CASES = ["nan-query", "nan-key", "inf-key", "nan-value", "scale-1e38"]
 
 
-@pytest.mark.parametrize("case", NAN_CASES)
-def test_nan_and_inf_propagate_as_in_the_reference(kernel_backend, case):
-    lengths = [5, 1, 7, 3]
-    q, k, v, cu = packed_qkv(lengths, 2, 16, seed=30)
-    scale = 1e38 if case == "scale-1e38" else None
+def poison(q, k, v, case):
+    """Puts the NaN/Inf of `case` into q, k or v (a token of segment 2 of [5, 1, 7+, ...]); returns
+    the softmax_scale of the case (1e38 for scale-1e38, else None)."""
     if case == "nan-query":
         q[2, 0, 3] = float("nan")
     elif case == "nan-key":
@@ -199,6 +197,14 @@ def test_nan_and_inf_propagate_as_in_the_reference(kernel_backend, case):
         k[8, 1, 0] = float("inf")
     elif case == "nan-value":
         v[13, 0, 5] = float("nan")
+    return 1e38 if case == "scale-1e38" else None
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_nan_and_inf_propagate_as_in_the_reference(kernel_backend, case):
+    lengths = [5, 1, 7, 3]
+    q, k, v, cu = packed_qkv(lengths, 2, 16, seed=30)
+    scale = poison(q, k, v, case)
     out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, 7, softmax_scale=scale)
     ref, ref_lse = varlen_attention_reference(q, k, v, cu, softmax_scale=scale if scale else 16**-0.5)
     assert ref.isnan().any()
@@ -659,15 +665,7 @@ def test_cpu_low_precision_nan_and_inf_propagate(cpu_gemm_path, case):
     lengths = [5, 1, 70, 3]
     q, k, v = (randn(sum(lengths), 2, 16, dtype=torch.bfloat16, device="cpu", seed=60 + i) for i in range(3))
     cu = make_cu_seqlens(lengths, device="cpu")
-    scale = 1e38 if case == "scale-1e38" else None
-    if case == "nan-query":
-        q[2, 0, 3] = float("nan")
-    elif case == "nan-key":
-        k[8, 1, 0] = float("nan")
-    elif case == "inf-key":
-        k[8, 1, 0] = float("inf")
-    elif case == "nan-value":
-        v[13, 0, 5] = float("nan")
+    scale = poison(q, k, v, case)
     grad_out = randn(*q.shape, dtype=torch.bfloat16, device="cpu", seed=64)
     fn = lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, 70, softmax_scale=scale)  # noqa: E731
     ref_fn = lambda a, b, c: varlen_attention_reference(a, b, c, cu, softmax_scale=scale)[0]  # noqa: E731
