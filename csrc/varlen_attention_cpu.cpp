@@ -126,6 +126,17 @@ DF_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }
 
+// Rounds fp32 to bf16 bit patterns (round to nearest even; NaN stays a quiet NaN), as c10::BFloat16 does.
+DF_MULTIVERSION void round_bf16(const float* x, uint16_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u;
+    std::memcpy(&u, x + j, sizeof(u));
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    y[j] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(r);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // RoPE on CPU: angles are separable (the first D/4 channels depend on the patch row only, the next
 // D/4 on the column only), so one table per grid axis covers a whole segment: hp + wp rows of
@@ -207,7 +218,11 @@ void store_rows(scalar_t* y, Strides st, int64_t h, int64_t row0, int64_t n, int
     const int64_t pos = row0 + r - seg_start - P;
     if (rope != nullptr && pos >= 0) rope->rotate(row, pos, -1.f);
     scalar_t* out = y + (row0 + r) * st.t + h * st.h;
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(row[d]);
+    if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+      round_bf16(row, reinterpret_cast<uint16_t*>(out), D);  // vectorised; the same rounding
+    } else {
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(row[d]);
+    }
   }
 }
 
@@ -537,17 +552,6 @@ void gemm_packed(int64_t M, int64_t n_cols, int64_t K, const uint16_t* A, int64_
   for (int64_t c0 = 0; c0 < n_cols; c0 += kPackN)
     brgemm_lp<scalar_t>(M, std::min(kPackN, n_cols - c0), K, lda, kPackN, ldc, add_C, A,
                         B + (c0 / kPackN) * block_stride, C + c0);
-}
-
-// Rounds fp32 to bf16 bit patterns (round to nearest even; NaN stays a quiet NaN), as c10::BFloat16 does.
-DF_MULTIVERSION void round_bf16(const float* x, uint16_t* y, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t u;
-    std::memcpy(&u, x + j, sizeof(u));
-    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    y[j] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(r);
-  }
 }
 
 template <typename scalar_t>
