@@ -499,8 +499,8 @@ def test_patched_bf16_within_flash_rule_of_transformers(gated, size, monkeypatch
 
 @pytest.mark.parametrize("patched", [False, True], ids=["plain", "patched"])
 def test_encode_packed_bf16_within_flash_rule_of_transformers(patched):
-    """encode_packed in bf16 (on CPU: attention image by image through torch's bf16 SDPA) against
-    each image run alone in fp64; baseline: transformers' bf16 forward of that image."""
+    """encode_packed in bf16 against each image run alone in fp64; baseline: transformers' bf16
+    forward of that image."""
     plain, patched_model, oracle = _bf16_models(gated=False, layers=3)
     imgs = images(MIX + [(224, 160)], seed=22)
     feats = run_packed(patched_model if patched else plain, [i.bfloat16() for i in imgs], layers=[0])

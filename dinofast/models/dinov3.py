@@ -140,30 +140,13 @@ def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_pre
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
-def _sdpa_per_image(q: Tensor) -> bool:
-    """True where packed attention runs image by image through torch's SDPA instead of
-    dinofast.varlen_attention: CPU bf16 inference, where torch's flash SDPA multiplies on bf16 GEMMs
-    (AMX where present) and the cpp varlen kernel computes in fp32 (about 2.7x slower on a mix of
-    images; benchmarks/README.md). fp32 and every other device keep the varlen kernel."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and not (torch.is_grad_enabled() and q.requires_grad))
-
-
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: float) -> Tensor:
     """q, k, v [T, H, D] packed (strided views of the qkv buffer) -> [T, H, D]; each image attends
-    only to itself. varlen_attention fuses RoPE into its Q/K loads; the per-image SDPA route
-    (_sdpa_per_image) rotates q/k in place first, then slices the images by the host layout."""
-    if not _sdpa_per_image(q):
-        return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope,
-                                layout=plan.layout)
-    rope = plan.rope
-    rope2d_(q, k, rope.grids, num_prefix_tokens=rope.num_prefix_tokens, theta=rope.theta, periods=rope.periods,
-            cu_seqlens=plan.cu_seqlens, coord_transform=rope.coord_transform, layout=plan.layout)
-    cu = plan.layout.cu_seqlens
-    # each image [n, H, D] as [1, H, n, D] (a view); SDPA's CPU output is [1, n, H, D] in memory
-    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), scale=scale)
-            [0].transpose(0, 1) for a, b in zip(cu[:-1], cu[1:])]
-    return torch.cat(outs)
+    only to itself, RoPE fused into the attention's Q/K loads. In CPU bf16 too: the cpp kernel
+    multiplies on bf16 GEMMs where oneDNN packs them (AMX), faster on a mix of images than torch's
+    bf16 SDPA image by image after rope2d_ (benchmarks/README.md)."""
+    return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope,
+                            layout=plan.layout)
 
 
 class _FusedLinear(torch.autograd.Function):
