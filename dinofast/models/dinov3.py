@@ -9,18 +9,20 @@ parameter, buffer or state-dict key changes, and `unpatch_dinov3` swaps the clas
       the parameters' versions), dinofast's 2D RoPE on the q/k views of that buffer (in place when
       no gradient is needed), then attention; the attention maps on an explicit path when
       transformers would return them (output_attentions with the eager implementation).
-  layer.i (DINOv3ViTLayer): the same block; on the CPU inference path (fp32, no autograd, eval) the
-      MLP activation runs in the first GEMM's epilogue and LayerScale + residual in the next GEMM's
-      (oneDNN post-ops), which is most of the CPU speed-up over transformers. Eager only: while
-      torch.compile / torch.export trace, every layer takes the plain path (see _tracing).
+  layer.i (DINOv3ViTLayer): the same block; on the CPU inference path (fp32, and bf16 where oneDNN
+      runs it natively; no autograd, eval) every GEMM is one oneDNN call on weights cached in its
+      packed layout, with the bias and the MLP activation in the epilogue and LayerScale (folded
+      into the weights) + residual in the o_proj/down_proj epilogues (oneDNN post-ops), which is
+      most of the CPU speed-up over transformers. Eager only: while torch.compile / torch.export
+      trace, every layer takes the plain path (see _tracing).
 The encoder is transformers' own; it hands the plan to every layer unchanged.
 
 `encode_packed` runs the same modules over one packed sequence of images of different sizes:
 [CLS, registers, patches] per image back to back, no padding, varlen attention with fused RoPE.
 
-Every attention call goes through `_attend_batched` (rope2d_ + SDPA: on CPU torch's flash SDPA beats
-the cpp varlen kernel on long same-size sequences) or `_attend_packed` (dinofast.varlen_attention),
-the only places that pick an attention implementation.
+Every attention call goes through `_attend_batched` (rope2d_ + SDPA: on CPU torch's flash SDPA is
+at least as fast as the cpp varlen kernel on one long sequence, fp32 and bf16) or `_attend_packed`
+(dinofast.varlen_attention), the only places that pick an attention implementation.
 """
 from __future__ import annotations
 
