@@ -4,16 +4,27 @@ forward and forward+backward, fp32 on CPU / bf16 on GPU.
 Rows per group: each backend with and without fused RoPE, rope2d followed by the backend's
 attention (what fused RoPE must beat), the per-image SDPA loop, one padded SDPA call with a key
 mask, and on GPU flash-attn's varlen kernel and FlexAttention with a document mask where present.
+
+On CPU, test_varlen_attention_cpu_dtypes times bf16 against fp32 in one process, rows interleaved
+(see benchmarks/conftest.py interleaved), at DINOFAST_BENCH_THREADS torch threads (default 2):
+  cpp bf16               varlen attention on bf16 gemms (oneDNN brgemm; AMX) where the CPU has them
+  cpp bf16 fp32-gemms    the same call with oneDNN disabled: bf16 converted to fp32
+  cpp fp32
+  sdpa-per-image bf16/fp32    the per-image SDPA loop (torch's CPU flash attention)
+  flex-attention bf16/fp32    torch.compile(flex_attention) with a document mask (forward only:
+                              FlexAttention has no CPU backward)
+Medians and ratios are printed (-s) and stored in the benchmark's extra_info.
 """
 import functools
 import random
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dinofast
-from benchmarks.conftest import DEVICE, speed_backends
+from benchmarks.conftest import DEVICE, THREADS, interleaved, speed_backends
 
 P, D = 5, 64
 BATCHES = {
@@ -153,3 +164,60 @@ def test_varlen_attention(bench, row, batch, H, mode):
             return flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                         block_mask=block_mask)[0].transpose(0, 1)
         bench(lambda: step(fn, inputs, grad, backward), group)
+
+
+CPU_ROUNDS = 7
+
+
+def flex_document_attention(cu):
+    """torch.compile(flex_attention) over the pack with a document mask; [T, H, D] in and out."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = int(cu[-1])
+    doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), (cu[1:] - cu[:-1]).long(),
+                                  output_size=T)
+    block_mask = create_block_mask(lambda b, h, i, j: doc[i] == doc[j], None, None, T, T, device=cu.device)
+    flex = torch.compile(flex_attention)
+
+    def run(q, k, v):
+        return flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                    block_mask=block_mask)[0].transpose(0, 1)
+    return run
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_varlen_attention_cpu_dtypes(benchmark, mode):
+    if DEVICE.type != "cpu" or "cpp" not in speed_backends():
+        pytest.skip(reason="CPU rows of the cpp backend")
+    backward = mode == "fwd+bwd"
+    q32, k32, v32, g32, cu, _, max_len = packed("4-sizes", 12)
+    benchmark.group = f"varlen_attention cpu dtypes 4-sizes H=12 {mode}"
+    cpp = functools.partial(dinofast.varlen_attention, cu_seqlens=cu, max_seqlen=max_len)
+
+    def cpp_fp32_gemms(q, k, v):
+        with torch.backends.mkldnn.flags(enabled=False):
+            return cpp(q, k, v)
+
+    rows = {}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        q, k, v, grad = (x.to(dtype) for x in (q32, k32, v32, g32))
+        inputs = with_grad(q, k, v) if backward else (q, k, v)
+        peers = {f"cpp {name}": cpp, f"sdpa-per-image {name}": sdpa_per_image(cu)}
+        if dtype == torch.bfloat16:
+            peers["cpp bf16 fp32-gemms"] = cpp_fp32_gemms
+        if not backward:
+            peers[f"flex-attention {name}"] = flex_document_attention(cu)
+        for row, fn in peers.items():
+            rows[row] = functools.partial(step, fn, inputs, grad, backward)
+    with dinofast.backend("cpp"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # mkldnn.flags()
+        medians = interleaved(rows, CPU_ROUNDS)
+    flops = sum(4 * (b - a) ** 2 * D * 12 for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:]))
+    flops *= 3.5 if backward else 1.0  # backward: 5 gemms of the forward's 2, plus the forward
+    lines = [f"{benchmark.group}, {THREADS} threads, {CPU_ROUNDS} interleaved rounds"]
+    for row, sec in medians.items():
+        lines.append(f"  {row:24s} {sec * 1e3:9.1f} ms  {flops / sec / 1e9:7.1f} GFLOP/s  "
+                     f"cpp bf16 is {sec / medians['cpp bf16']:5.2f}x faster")
+    print("\n".join(lines))
+    benchmark.extra_info.update(threads=THREADS, medians_ms={n: t * 1e3 for n, t in medians.items()})
+    benchmark.pedantic(lambda: [fn() for fn in rows.values()], rounds=1, iterations=1)

@@ -9,9 +9,18 @@
 // FlashAttention-2 recurrences per (key tile, query tile); dQ accumulates in a task-local buffer, so
 // no atomics and a deterministic result. dQ and dK are rotated back (the adjoint) as they are stored.
 // Tasks are sorted by cost and handed out dynamically to the OpenMP threads (segments differ a lot).
+//
+// fp16/bf16 where oneDNN has a packed-B brgemm for the dtype (AMX: bf16 on Sapphire Rapids and
+// later, fp16 with AMX-FP16): the same tiling, but every gemm takes operands in the input dtype
+// and accumulates in fp32 (cpublas::brgemm), as flash-attention does on GPUs: Q, K, V, dO are used
+// as stored (rotated and rounded to the dtype with RoPE), P and dS are rounded to the dtype before
+// their gemms; softmax statistics, O, dQ, dK, dV accumulate in fp32. Elsewhere, or with oneDNN
+// disabled (torch.backends.mkldnn.flags(enabled=False)), fp16/bf16 are converted to fp32 as above.
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -117,6 +126,17 @@ DF_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }
 
+// Rounds fp32 to bf16 bit patterns (round to nearest even; NaN stays a quiet NaN), as c10::BFloat16 does.
+DF_MULTIVERSION void round_bf16(const float* x, uint16_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u;
+    std::memcpy(&u, x + j, sizeof(u));
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    y[j] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(r);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // RoPE on CPU: angles are separable (the first D/4 channels depend on the patch row only, the next
 // D/4 on the column only), so one table per grid axis covers a whole segment: hp + wp rows of
@@ -198,7 +218,11 @@ void store_rows(scalar_t* y, Strides st, int64_t h, int64_t row0, int64_t n, int
     const int64_t pos = row0 + r - seg_start - P;
     if (rope != nullptr && pos >= 0) rope->rotate(row, pos, -1.f);
     scalar_t* out = y + (row0 + r) * st.t + h * st.h;
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(row[d]);
+    if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+      round_bf16(row, reinterpret_cast<uint16_t*>(out), D);  // vectorised; the same rounding
+    } else {
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(row[d]);
+    }
   }
 }
 
@@ -255,31 +279,38 @@ RopeTables* tables_for(RopeTables& tables, const Problem& p, const RopeInput& ri
   return &tables;
 }
 
-// ------------------------------------------------------------------------------------------------
-// Forward
-// ------------------------------------------------------------------------------------------------
-struct FwdState {
-  std::vector<float> q, k, v, s, o, m, l;
-  RopeTables rope;
+// Data pointers and (token, head) strides of the forward's and the backward's tensors.
+template <typename scalar_t>
+struct FwdPointers {
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  float* lse;
+  Strides sq, sk, sv, so;
+  FwdPointers(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, at::Tensor& out_, at::Tensor& lse_)
+      : q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()),
+        out(out_.data_ptr<scalar_t>()), lse(lse_.data_ptr<float>()), sq(strides_of(q_)), sk(strides_of(k_)),
+        sv(strides_of(v_)), so(strides_of(out_)) {}
 };
 
 template <typename scalar_t>
-void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                 at::Tensor& lse, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
-  const int64_t D = p.D;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  float* lp = lse.data_ptr<float>();
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), so = strides_of(out);
-  // fp32 K/V without rotation feed the gemms in place (row stride = the tensor's T stride)
-  const bool kv_in_place = std::is_same<scalar_t, float>::value;
-  const bool k_in_place = kv_in_place && !p.has_rope;
+struct BwdPointers {
+  const scalar_t *q, *k, *v, *dout, *out;
+  const float* lse;
+  scalar_t *dq, *dk, *dv;
+  Strides sq, sk, sv, sg, so, sdq, sdk, sdv;
+  BwdPointers(const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+              const at::Tensor& out_, const at::Tensor& lse_, at::Tensor& dq_, at::Tensor& dk_, at::Tensor& dv_)
+      : q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()),
+        dout(dout_.data_ptr<scalar_t>()), out(out_.data_ptr<scalar_t>()), lse(lse_.data_ptr<float>()),
+        dq(dq_.data_ptr<scalar_t>()), dk(dk_.data_ptr<scalar_t>()), dv(dv_.data_ptr<scalar_t>()),
+        sq(strides_of(q_)), sk(strides_of(k_)), sv(strides_of(v_)), sg(strides_of(dout_)), so(strides_of(out_)),
+        sdq(strides_of(dq_)), sdk(strides_of(dk_)), sdv(strides_of(dv_)) {}
+};
 
-  // A task owns up to kMaxBlocksPerTask query tiles of one (segment, head): each K/V tile it packs
-  // (converted, rotated) serves all of them. Fewer tiles per task when tasks would be too few to keep
-  // every thread busy.
+// A forward task owns up to kMaxBlocksPerTask query tiles of one (segment, head): each K/V tile it
+// packs (converted, rotated) serves all of them. Fewer tiles per task when tasks would be too few to
+// keep every thread busy.
+std::vector<Task> forward_tasks(const Problem& p, const std::vector<std::pair<int64_t, int64_t>>& segs) {
   int64_t n_blocks = 0;
   for (const auto& seg : segs) n_blocks += p.H * ((seg.second - seg.first + kBlockQ - 1) / kBlockQ);
   const int64_t blocks_per_task =
@@ -294,6 +325,42 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         tasks.push_back({s, h, segs[s].first + r, rows, double(rows) * double(L)});
       }
   }
+  return tasks;
+}
+
+// One backward task per non-empty (segment, head).
+std::vector<Task> backward_tasks(const Problem& p, const std::vector<std::pair<int64_t, int64_t>>& segs) {
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < p.n_segments; ++s) {
+    const int64_t L = segs[s].second - segs[s].first;
+    if (L == 0) continue;
+    for (int64_t h = 0; h < p.H; ++h) tasks.push_back({s, h, segs[s].first, L, double(L) * double(L)});
+  }
+  return tasks;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+struct FwdState {
+  std::vector<float> q, k, v, s, o, m, l;
+  RopeTables rope;
+};
+
+template <typename scalar_t>
+void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                 at::Tensor& lse, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
+  const int64_t D = p.D;
+  const FwdPointers<scalar_t> t(q, k, v, out, lse);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v;
+  scalar_t* op = t.out;
+  float* lp = t.lse;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, so = t.so;
+  // fp32 K/V without rotation feed the gemms in place (row stride = the tensor's T stride)
+  const bool kv_in_place = std::is_same<scalar_t, float>::value;
+  const bool k_in_place = kv_in_place && !p.has_rope;
+
+  std::vector<Task> tasks = forward_tasks(p, segs);
   run_tasks<FwdState>(tasks, [&](const Task& task, FwdState& st) {
     const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, R = task.rows;
     st.q.resize(R * D); st.k.resize(kBlockK * D); st.v.resize(kBlockK * D);
@@ -361,24 +428,13 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
                   at::Tensor& dv, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
   const int64_t D = p.D, B = kBlockBwd;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  const scalar_t* gp = dout.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const float* lp = lse.data_ptr<float>();
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
-  scalar_t* dkp = dk.data_ptr<scalar_t>();
-  scalar_t* dvp = dv.data_ptr<scalar_t>();
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sg = strides_of(dout),
-                so = strides_of(out), sdq = strides_of(dq), sdk = strides_of(dk), sdv = strides_of(dv);
+  const BwdPointers<scalar_t> t(dout, q, k, v, out, lse, dq, dk, dv);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v, *gp = t.dout, *op = t.out;
+  const float* lp = t.lse;
+  scalar_t *dqp = t.dq, *dkp = t.dk, *dvp = t.dv;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, sg = t.sg, so = t.so, sdq = t.sdq, sdk = t.sdk, sdv = t.sdv;
 
-  std::vector<Task> tasks;
-  for (int64_t s = 0; s < p.n_segments; ++s) {
-    const int64_t L = segs[s].second - segs[s].first;
-    if (L == 0) continue;
-    for (int64_t h = 0; h < p.H; ++h) tasks.push_back({s, h, segs[s].first, L, double(L) * double(L)});
-  }
+  std::vector<Task> tasks = backward_tasks(p, segs);
   run_tasks<BwdState>(tasks, [&](const Task& task, BwdState& st) {
     const int64_t start = task.row0, L = task.rows, h = task.head, P = p.num_prefix_tokens;
     for (auto* buf : {&st.q, &st.k, &st.v, &st.dout, &st.dk, &st.dv}) buf->resize(L * D);
@@ -423,6 +479,444 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
   });
 }
 
+// ------------------------------------------------------------------------------------------------
+// fp16/bf16 on low-precision gemms (oneDNN brgemm with a VNNI-packed B, fp32 accumulation).
+// brgemm computes C[M, N] (+)= A[M, K] B[K, N]: A row-major (lda), B packed in blocks of 64 columns,
+// each [K/2, 64, 2] (pairs of consecutive k interleaved), K even. Operands are handled as raw 16-bit
+// patterns (uint16_t) while they are moved around, and typed only at the brgemm call.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kPackN = 64;  // columns per packed B block (oneDNN's packed-B ld is at most 64)
+
+// The low-precision gemms serve dtype t when oneDNN has packed-B kernels for it (could_pack is false
+// with oneDNN disabled by the user, so torch.backends.mkldnn.flags(enabled=False) selects fp32).
+bool use_low_precision_gemms(at::ScalarType t) {
+  return (t == at::kBFloat16 || t == at::kHalf) && at::native::cpublas::could_pack(t);
+}
+
+int64_t round_up_even(int64_t n) { return n + (n & 1); }
+
+// Packed B from rows [K, n_cols] (row stride ld): block c holds columns [64c, 64c + 64) as
+// [Kp/2, 64, 2], Kp = K rounded up to even, blocks block_stride apart. A missing row K (odd K) and
+// columns past n_cols are zero, so they add nothing whatever the other operand holds there.
+void pack_b_rows(const uint16_t* rows, int64_t ld, int64_t K, int64_t n_cols, uint16_t* dst, int64_t block_stride) {
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t c0 = 0; c0 < n_cols; c0 += kPackN) {
+    const int64_t nc = std::min(kPackN, n_cols - c0);
+    uint16_t* blk = dst + (c0 / kPackN) * block_stride;
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const uint16_t* r0 = rows + 2 * kp * ld + c0;
+      const uint16_t* r1 = 2 * kp + 1 < K ? r0 + ld : nullptr;
+      uint16_t* out = blk + kp * 2 * kPackN;
+      for (int64_t j = 0; j < nc; ++j) {
+        out[2 * j] = r0[j];
+        out[2 * j + 1] = r1 != nullptr ? r1[j] : uint16_t(0);
+      }
+      std::memset(out + 2 * nc, 0, (kPackN - nc) * 2 * sizeof(uint16_t));
+    }
+  }
+}
+
+// Packed B = X^T from the rows of X [n_rows, D] (row stride ld), D even: block j holds X's rows
+// [64j, 64j + 64) as columns, [D/2, 64, 2], blocks D * 64 apart; columns past n_rows are zero.
+void pack_b_transposed(const uint16_t* rows, int64_t ld, int64_t n_rows, int64_t D, uint16_t* dst) {
+  const int64_t pairs = D / 2;
+  for (int64_t j0 = 0; j0 < n_rows; j0 += kPackN) {
+    const int64_t nr = std::min(kPackN, n_rows - j0);
+    uint32_t* blk = reinterpret_cast<uint32_t*>(dst + (j0 / kPackN) * D * kPackN);
+    for (int64_t n = 0; n < nr; ++n) {
+      const uint16_t* row = rows + (j0 + n) * ld;
+      for (int64_t kp = 0; kp < pairs; ++kp) {
+        uint32_t pair;
+        std::memcpy(&pair, row + 2 * kp, sizeof(pair));
+        blk[kp * kPackN + n] = pair;
+      }
+    }
+    if (nr < kPackN)
+      for (int64_t kp = 0; kp < pairs; ++kp) std::memset(blk + kp * kPackN + nr, 0, (kPackN - nr) * sizeof(uint32_t));
+  }
+}
+
+// C[M, N] (+)= A B through oneDNN's brgemm, with A and B holding scalar_t (fp16/bf16) bit patterns.
+template <typename scalar_t>
+void brgemm_lp(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_C,
+               const uint16_t* A, const uint16_t* B, float* C) {
+  if (M == 0 || N == 0) return;
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, reinterpret_cast<const scalar_t*>(A),
+                              reinterpret_cast<const scalar_t*>(B), C, /*is_vnni=*/true);
+}
+
+// C [M, n_cols] (+)= A [M, K] B, B packed by pack_b_rows / pack_b_transposed (blocks block_stride apart).
+template <typename scalar_t>
+void gemm_packed(int64_t M, int64_t n_cols, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                 int64_t block_stride, float* C, int64_t ldc, bool add_C) {
+  for (int64_t c0 = 0; c0 < n_cols; c0 += kPackN)
+    brgemm_lp<scalar_t>(M, std::min(kPackN, n_cols - c0), K, lda, kPackN, ldc, add_C, A,
+                        B + (c0 / kPackN) * block_stride, C + c0);
+}
+
+template <typename scalar_t>
+void round_row(const float* x, uint16_t* y, int64_t n) {
+  if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    round_bf16(x, y, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t v = static_cast<scalar_t>(x[j]);
+      std::memcpy(y + j, &v, sizeof(uint16_t));
+    }
+  }
+}
+
+// s[j] = exp(s[j] * scale - lse[j]): the probabilities of one key against a row of queries. The
+// product is rounded before the subtraction (no fma contraction), as the reference's scores are.
+DF_MULTIVERSION __attribute__((optimize("fp-contract=off"))) void exp_scaled_minus(float* s, int64_t n, float scale, const float* lse) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] * scale - lse[j]);
+}
+
+// dS = P * (dP - delta[j]), into dp: one key against a row of queries.
+DF_MULTIVERSION void softmax_grad_cols(const float* p, float* dp, int64_t n, const float* delta) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta[j]);
+}
+
+// The elementwise passes between the low-precision gemms, fused: each reads a row of fp32 scores
+// once and writes the dtype's operand for the next gemm. AVX-512 versions (exp by 2^n scaling with
+// vscalefps, rounding by vcvtneps2bf16) where the CPU has them (every CPU with AMX does); the
+// portable loops otherwise.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DF_HAVE_AVX512_PATH 1
+#include <immintrin.h>
+#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// exp(x) by fast_exp's reduction and polynomial, 16 lanes at a time; vscalefps applies 2^n with
+// IEEE overflow and underflow, so only -inf needs a clamp (to -104, where exp rounds to 0). A NaN
+// lane stays NaN (max(lo, x) returns x for a NaN x). +inf never reaches it: every caller subtracts
+// the row's max score or its log-sum-exp.
+DF_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16.
+DF_AVX512 inline __m256i to_bf16x16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+
+// The scores are scale * dot rounded, then shifted: a contraction into one fma (which GCC does to
+// a mul and a sub) would skip that rounding, and with a huge softmax_scale turn the row max's 0
+// into +-1e31.
+DF_AVX512 inline __m512 mul_rounded(__m512 a, __m512 b) {
+  return _mm512_mul_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+DF_AVX512 inline __mmask16 tail_mask(int64_t rem) {
+  return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
+}
+
+// p[j] = bf16(exp(s[j] * scale - shift)); returns the fp32 sum of the exps.
+DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, float shift, uint16_t* p) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(shift), sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc), sh));
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+    _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// s[j] = exp(s[j] * scale - lse[j]) in fp32, and p[j] = its bf16 rounding.
+DF_AVX512 void exp_scaled_minus_to_bf16_avx512(float* s, int64_t n, float scale, const float* lse, uint16_t* p) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 x = mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc);
+    const __m512 e = exp16(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, lse + j)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
+  }
+}
+
+// ds[j] = bf16(p[j] * (dp[j] - delta[j])).
+DF_AVX512 void softmax_grad_to_bf16_avx512(const float* p, const float* dp, int64_t n, const float* delta,
+                                           uint16_t* ds) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + j), _mm512_maskz_loadu_ps(m, delta + j));
+    _mm256_mask_storeu_epi16(ds + j, m, to_bf16x16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), g)));
+  }
+}
+#endif
+
+template <typename scalar_t>
+constexpr bool kIsBf16 = std::is_same<scalar_t, at::BFloat16>::value;
+
+// P row of the forward: p = round(exp(s * scale - shift)) (s: dot products, clobbered); returns
+// the fp32 sum of the exps.
+template <typename scalar_t>
+float exp_sum_to_lp(float* s, int64_t n, float scale, float shift, uint16_t* p) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (kIsBf16<scalar_t> && cpu_has_avx512()) return exp_sum_to_bf16_avx512(s, n, scale, shift, p);
+#endif
+  scale_row(s, n, scale);
+  const float sum = exp_shift_sum(s, n, shift);
+  round_row<scalar_t>(s, p, n);
+  return sum;
+}
+
+// P^T row of the backward: s = exp(s * scale - lse) in fp32 (kept for dS), p = its rounding.
+template <typename scalar_t>
+void exp_scaled_minus_to_lp(float* s, int64_t n, float scale, const float* lse, uint16_t* p) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (kIsBf16<scalar_t> && cpu_has_avx512()) return exp_scaled_minus_to_bf16_avx512(s, n, scale, lse, p);
+#endif
+  exp_scaled_minus(s, n, scale, lse);
+  round_row<scalar_t>(s, p, n);
+}
+
+// dS^T row of the backward: ds = round(p * (dp - delta)) (dp overwritten).
+template <typename scalar_t>
+void softmax_grad_to_lp(const float* p, float* dp, int64_t n, const float* delta, uint16_t* ds) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (kIsBf16<scalar_t> && cpu_has_avx512()) return softmax_grad_to_bf16_avx512(p, dp, n, delta, ds);
+#endif
+  softmax_grad_cols(p, dp, n, delta);
+  round_row<scalar_t>(dp, ds, n);
+}
+
+// Rows [row0, row0 + n) of head h of x as scalar_t rows dst [n, D]: patch rows rotated in fp32 and
+// rounded to scalar_t (exactly what rope2d stores), the others copied.
+template <typename scalar_t>
+void rows_lp(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n, int64_t D, uint16_t* dst,
+             const RopeTables* rope, int64_t seg_start, int64_t P, float* tmp) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* src = x + (row0 + r) * st.t + h * st.h;
+    uint16_t* out = dst + r * D;
+    const int64_t pos = row0 + r - seg_start - P;
+    if (rope != nullptr && pos >= 0) {
+      for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<float>(src[d]);
+      rope->rotate(tmp, pos, 1.f);
+      round_row<scalar_t>(tmp, out, D);
+    } else {
+      std::memcpy(out, src, D * sizeof(uint16_t));
+    }
+  }
+}
+
+template <typename scalar_t>
+const uint16_t* head_rows(const scalar_t* x, Strides st, int64_t h, int64_t row0) {
+  return reinterpret_cast<const uint16_t*>(x + row0 * st.t + h * st.h);
+}
+
+// Per-thread state of the low-precision kernels; gives back the AMX tile state the brgemms set up
+// when the thread is done.
+struct LowPrecisionState {
+  ~LowPrecisionState() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+  RopeTables rope;
+  std::vector<float> tmp;
+};
+
+struct FwdLpState : LowPrecisionState {
+  std::vector<uint16_t> q, k, kpack, vpack, p;
+  std::vector<float> s, o, m, l;
+};
+
+template <typename scalar_t>
+void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                    at::Tensor& lse, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
+  const int64_t D = p.D, P = p.num_prefix_tokens;
+  const FwdPointers<scalar_t> t(q, k, v, out, lse);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v;
+  scalar_t* op = t.out;
+  float* lp = t.lse;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, so = t.so;
+  const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
+  std::vector<Task> tasks = forward_tasks(p, segs);
+  run_tasks<FwdLpState>(tasks, [&](const Task& task, FwdLpState& st) {
+    const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, R = task.rows;
+    st.tmp.resize(D);
+    st.kpack.resize(kBlockK * D);
+    st.vpack.resize(n_dblocks * kBlockK * kPackN);
+    st.p.resize(kBlockQ * kBlockK);
+    st.s.resize(kBlockQ * kBlockK);
+    st.o.assign(R * D, 0.f);
+    st.m.assign(R, -std::numeric_limits<float>::infinity());
+    st.l.assign(R, 0.f);
+    const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
+    // Q (A operand) and K are read in place unless RoPE rotates them
+    const uint16_t* qrows = head_rows(qp, sq, h, task.row0);
+    int64_t ldq = sq.t;
+    if (rope != nullptr) {
+      st.q.resize(R * D);
+      rows_lp(qp, sq, h, task.row0, R, D, st.q.data(), rope, start, P, st.tmp.data());
+      qrows = st.q.data();
+      ldq = D;
+    }
+    float* S = st.s.data();
+    uint16_t* Pm = st.p.data();
+    for (int64_t k0 = start; k0 < end; k0 += kBlockK) {
+      const int64_t N = std::min(kBlockK, end - k0), Np = round_up_even(N);
+      const uint16_t* krows = head_rows(kp, sk, h, k0);
+      int64_t ldk = sk.t;
+      if (rope != nullptr) {
+        st.k.resize(kBlockK * D);
+        rows_lp(kp, sk, h, k0, N, D, st.k.data(), rope, start, P, st.tmp.data());
+        krows = st.k.data();
+        ldk = D;
+      }
+      pack_b_transposed(krows, ldk, N, D, st.kpack.data());                            // K^T
+      pack_b_rows(head_rows(vp, sv, h, k0), sv.t, N, D, st.vpack.data(), Np * kPackN);  // V
+      for (int64_t b0 = 0; b0 < R; b0 += kBlockQ) {  // each query tile against this K/V tile
+        const int64_t M = std::min(kBlockQ, R - b0);
+        float* o = st.o.data() + b0 * D;
+        float* m = st.m.data() + b0;
+        float* l = st.l.data() + b0;
+        gemm_packed<scalar_t>(M, N, D, qrows + b0 * ldq, ldq, st.kpack.data(), D * kPackN, S, kBlockK, false);
+        for (int64_t r = 0; r < M; ++r) {  // online softmax; P rounded to scalar_t for the P V gemm
+          float* srow = S + r * kBlockK;
+          // max of the scores = scale * (max of the dots): rounding is monotone and scale > 0
+          const float m_new = std::max(m[r], row_max(srow, N) * p.scale);
+          const float alpha = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
+          l[r] = l[r] * alpha + exp_sum_to_lp<scalar_t>(srow, N, p.scale, m_new, Pm + r * kBlockK);
+          if (alpha != 1.f) scale_row(o + r * D, D, alpha);
+          m[r] = m_new;
+          if (Np != N) Pm[r * kBlockK + N] = 0;  // the zero row of the packed V meets a zero here
+        }
+        gemm_packed<scalar_t>(M, D, Np, Pm, kBlockK, st.vpack.data(), Np * kPackN, o, D, true);  // O += P V
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      scale_row(st.o.data() + r * D, D, 1.f / st.l[r]);
+      lp[h * p.T + task.row0 + r] = st.m[r] + std::log(st.l[r]);
+    }
+    store_rows(op, so, h, task.row0, R, D, st.o.data(), nullptr, start, 0);
+  });
+}
+
+struct BwdLpState : LowPrecisionState {
+  std::vector<uint16_t> q, k, kt, qt_pack, gt_pack, g_pack, q_pack, pt, dst, ds_pack;
+  std::vector<float> delta, dqt, dq, dk, dv, s, dp;
+};
+
+// Backward in key-major form, so that P^T and dS^T come out of the elementwise passes as row-major A
+// operands: per (key tile, query tile), with N keys and M queries,
+//   S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+//   dK += dS^T Q, dQ^T += K^T dS^T; dK and dQ take the softmax scale once, at the end.
+template <typename scalar_t>
+void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                     at::Tensor& dk, at::Tensor& dv, const std::vector<std::pair<int64_t, int64_t>>& segs,
+                     const RopeInput& ri) {
+  const int64_t D = p.D, B = kBlockBwd, P = p.num_prefix_tokens;
+  const BwdPointers<scalar_t> t(dout, q, k, v, out, lse, dq, dk, dv);
+  const scalar_t *qp = t.q, *kp = t.k, *vp = t.v, *gp = t.dout, *op = t.out;
+  const float* lp = t.lse;
+  scalar_t *dqp = t.dq, *dkp = t.dk, *dvp = t.dv;
+  const Strides sq = t.sq, sk = t.sk, sv = t.sv, sg = t.sg, so = t.so, sdq = t.sdq, sdk = t.sdk, sdv = t.sdv;
+  const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
+  std::vector<Task> tasks = backward_tasks(p, segs);
+  run_tasks<BwdLpState>(tasks, [&](const Task& task, BwdLpState& st) {
+    const int64_t start = task.row0, L = task.rows, Lp = round_up_even(L), h = task.head;
+    const int64_t n_lblocks = (L + kPackN - 1) / kPackN;
+    st.tmp.resize(D);
+    RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
+    const uint16_t* qrows = head_rows(qp, sq, h, start);
+    const uint16_t* krows = head_rows(kp, sk, h, start);
+    const uint16_t* vrows = head_rows(vp, sv, h, start);
+    const uint16_t* grows = head_rows(gp, sg, h, start);
+    int64_t ldq = sq.t, ldk = sk.t;
+    if (rope != nullptr) {
+      st.q.resize(L * D);
+      st.k.resize(L * D);
+      rows_lp(qp, sq, h, start, L, D, st.q.data(), rope, start, P, st.tmp.data());
+      rows_lp(kp, sk, h, start, L, D, st.k.data(), rope, start, P, st.tmp.data());
+      qrows = st.q.data();
+      krows = st.k.data();
+      ldq = ldk = D;
+    }
+    // B operands shared by every tile pair of the task, and K^T as the A operand of dQ^T
+    st.qt_pack.resize(n_lblocks * D * kPackN);
+    st.gt_pack.resize(n_lblocks * D * kPackN);
+    st.q_pack.resize(n_dblocks * Lp * kPackN);
+    st.g_pack.resize(n_dblocks * Lp * kPackN);
+    pack_b_transposed(qrows, ldq, L, D, st.qt_pack.data());
+    pack_b_transposed(grows, sg.t, L, D, st.gt_pack.data());
+    pack_b_rows(qrows, ldq, L, D, st.q_pack.data(), Lp * kPackN);
+    pack_b_rows(grows, sg.t, L, D, st.g_pack.data(), Lp * kPackN);
+    st.kt.assign(D * Lp, 0);
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t d = 0; d < D; ++d) st.kt[d * Lp + r] = krows[r * ldk + d];
+    st.delta.resize(L);
+    for (int64_t r = 0; r < L; ++r) {  // delta = rowsum(dO * O), from the stored (rounded) O
+      const scalar_t* orow = op + (start + r) * so.t + h * so.h;
+      const scalar_t* grow = gp + (start + r) * sg.t + h * sg.h;
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(grow[d]) * static_cast<float>(orow[d]);
+      st.delta[r] = acc;
+    }
+    st.dqt.assign(D * L, 0.f);
+    st.dk.assign(L * D, 0.f);
+    st.dv.assign(L * D, 0.f);
+    st.s.resize(B * B);
+    st.dp.resize(B * B);
+    st.pt.resize(B * B);
+    st.dst.resize(B * B);
+    st.ds_pack.resize((B / kPackN) * B * kPackN);
+    const float* lse_row = lp + h * p.T + start;
+    float *S = st.s.data(), *dP = st.dp.data();
+    uint16_t *Pt = st.pt.data(), *dSt = st.dst.data();
+    for (int64_t k0 = 0; k0 < L; k0 += B) {
+      const int64_t N = std::min(B, L - k0), Np = round_up_even(N);
+      for (int64_t q0 = 0; q0 < L; q0 += B) {
+        const int64_t M = std::min(B, L - q0), Mp = round_up_even(M);
+        const uint16_t* qt_pack = st.qt_pack.data() + (q0 / kPackN) * D * kPackN;
+        const uint16_t* gt_pack = st.gt_pack.data() + (q0 / kPackN) * D * kPackN;
+        gemm_packed<scalar_t>(N, M, D, krows + k0 * ldk, ldk, qt_pack, D * kPackN, S, B, false);  // S^T = K Q^T
+        for (int64_t r = 0; r < N; ++r) {  // P^T, rounded for dV
+          exp_scaled_minus_to_lp<scalar_t>(S + r * B, M, p.scale, lse_row + q0, Pt + r * B);
+          if (Mp != M) Pt[r * B + M] = 0;  // meets the zero pad row of the packed dO
+        }
+        // dV += P^T dO (the packed rows of dO start at query q0: pair q0 / 2)
+        gemm_packed<scalar_t>(N, D, Mp, Pt, B, st.g_pack.data() + q0 * kPackN, Lp * kPackN, st.dv.data() + k0 * D,
+                              D, true);
+        gemm_packed<scalar_t>(N, M, D, vrows + k0 * sv.t, sv.t, gt_pack, D * kPackN, dP, B, false);  // dP^T = V dO^T
+        for (int64_t r = 0; r < N; ++r) {  // dS^T, rounded for dK and dQ
+          softmax_grad_to_lp<scalar_t>(S + r * B, dP + r * B, M, st.delta.data() + q0, dSt + r * B);
+          if (Mp != M) dSt[r * B + M] = 0;
+        }
+        gemm_packed<scalar_t>(N, D, Mp, dSt, B, st.q_pack.data() + q0 * kPackN, Lp * kPackN, st.dk.data() + k0 * D,
+                              D, true);  // dK += dS^T Q
+        pack_b_rows(dSt, B, N, M, st.ds_pack.data(), B * kPackN);
+        gemm_packed<scalar_t>(D, M, Np, st.kt.data() + k0, Lp, st.ds_pack.data(), B * kPackN, st.dqt.data() + q0, L,
+                              true);  // dQ^T += K^T dS^T
+      }
+    }
+    st.dq.resize(L * D);
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t d = 0; d < D; ++d) st.dq[r * D + d] = st.dqt[d * L + r] * p.scale;
+    scale_row(st.dk.data(), L * D, p.scale);
+    store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
+    store_rows(dkp, sdk, h, start, L, D, st.dk.data(), rope, start, P);
+    store_rows(dvp, sdv, h, start, L, D, st.dv.data(), nullptr, start, 0);
+  });
+}
+
 template <typename F>
 void dispatch_dtype(at::ScalarType t, F f) {
   switch (t) {
@@ -455,7 +949,15 @@ void varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
   if (p.T == 0 || p.H == 0) return;
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    forward_cpu<scalar_t>(p, q, k, v, out, lse, segs, ri);
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      forward_cpu<scalar_t>(p, q, k, v, out, lse, segs, ri);
+    } else {
+      if (use_low_precision_gemms(q.scalar_type())) {
+        forward_cpu_lp<scalar_t>(p, q, k, v, out, lse, segs, ri);
+      } else {
+        forward_cpu<scalar_t>(p, q, k, v, out, lse, segs, ri);
+      }
+    }
   });
 }
 
@@ -471,7 +973,15 @@ void varlen_attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const
   if (p.T == 0 || p.H == 0) return;
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    backward_cpu<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri);
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      backward_cpu<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri);
+    } else {
+      if (use_low_precision_gemms(q.scalar_type())) {
+        backward_cpu_lp<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri);
+      } else {
+        backward_cpu<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri);
+      }
+    }
   });
 }
 

@@ -6,7 +6,7 @@ import torch
 
 import dinofast
 from dinofast.models.dinov3 import is_patched
-from tests.conftest import DEVICE, MODEL_ATOL
+from tests.conftest import DEVICE, MODEL_ATOL, assert_flash_rule
 from tests.dinov3_models import images, max_diff, random_model
 
 SIZES = [(224, 224), (512, 384), (768, 768)]  # the parity sizes (H, W): square, landscape, large
@@ -153,11 +153,13 @@ def test_model_built_in_inference_mode():
 
 
 def test_deepcopy_of_patched_model_stays_patched():
+    """Also after a forward, whose derived weights (fused, scaled, oneDNN-packed) are not copied."""
     model = dinofast.patch_dinov3(random_model(layers=1))
+    x = torch.stack(images([(32, 32)] * 2))
+    ref = run(model, x).last_hidden_state
     clone = copy.deepcopy(model)
     assert is_patched(clone)
-    x = torch.stack(images([(32, 32)] * 2))
-    assert torch.equal(run(clone, x).last_hidden_state, run(model, x).last_hidden_state)
+    assert torch.equal(run(clone, x).last_hidden_state, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,9 +409,13 @@ def test_fused_qkv_weight_is_cached_and_follows_updates():
     attn = patched.model.layer[0].attention
     x = torch.stack(images([(32, 32)] * 2, seed=16))
     assert max_diff(run(patched, x).last_hidden_state, run(plain, x).last_hidden_state) <= MODEL_ATOL
-    fused = attn.__dict__["_dinofast_qkv"][1]
+    from dinofast.models import dinov3 as D
+
+    # eager CPU inference keeps the oneDNN-packed fused weight, every other path the plain one
+    slot = "_dinofast_qkv_onednn" if DEVICE.type == "cpu" and torch.float32 in D._onednn_dtypes() else "_dinofast_qkv"
+    fused = attn.__dict__[slot].value
     run(patched, x)
-    assert attn.__dict__["_dinofast_qkv"][1] is fused  # not rebuilt by a second forward
+    assert attn.__dict__[slot].value is fused  # not rebuilt by a second forward
 
     with torch.no_grad():  # in-place edit
         for m in (plain, patched):
@@ -446,3 +452,80 @@ def test_compiled_patched_backbone_feature_maps(compiler):
     assert len(out) == len(ref) == 2
     for a, b in zip(out, ref):
         assert a.shape == (2, 64, 2, 3) and max_diff(a, b) <= MODEL_ATOL
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: flash-attention's rule against an fp64 oracle, transformers' own bf16 run as the baseline
+# ---------------------------------------------------------------------------------------------
+def _bf16_models(**config_kw):
+    """(plain bf16, patched bf16, plain fp64) copies of one random model: the fp64 one holds the
+    same bf16-rounded weights, so it is the exact computation both bf16 runs approximate."""
+    plain = random_model(**config_kw).to(torch.bfloat16)
+    return plain, dinofast.patch_dinov3(copy.deepcopy(plain)), copy.deepcopy(plain).double()
+
+
+def _onednn_calls(monkeypatch):
+    """A list that grows by one per GEMM with the residual in its epilogue (the CPU oneDNN path)."""
+    from dinofast.models import dinov3 as D
+
+    calls = []
+    real = D._scaled_linear_add
+    monkeypatch.setattr(D, "_scaled_linear_add", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _bf16_onednn_expected() -> bool:
+    from dinofast.models import dinov3 as D
+
+    return DEVICE.type == "cpu" and torch.bfloat16 in D._onednn_dtypes()
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+@pytest.mark.parametrize("size", [(224, 224), (768, 768)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_patched_bf16_within_flash_rule_of_transformers(gated, size, monkeypatch):
+    """Patched bf16 (on CPUs with native bf16: the oneDNN path, epilogues rounding once) is at
+    most twice as far from the fp64 computation as transformers' own bf16 forward."""
+    plain, patched, oracle = _bf16_models(gated=gated, layers=2)
+    x = torch.stack(images([size], seed=21))
+    calls = _onednn_calls(monkeypatch)
+    got = run(patched, x.bfloat16())
+    assert len(calls) == (4 if _bf16_onednn_expected() else 0)
+    ref = run(oracle, x.double())
+    base = run(plain, x.bfloat16())
+    assert ref.last_hidden_state.abs().max() > 1.0
+    assert_flash_rule(got.last_hidden_state, ref.last_hidden_state, base.last_hidden_state)
+    assert_flash_rule(got.pooler_output, ref.pooler_output, base.pooler_output)
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["plain", "patched"])
+def test_encode_packed_bf16_within_flash_rule_of_transformers(patched):
+    """encode_packed in bf16 against each image run alone in fp64; baseline: transformers' bf16
+    forward of that image."""
+    plain, patched_model, oracle = _bf16_models(gated=False, layers=3)
+    imgs = images(MIX + [(224, 160)], seed=22)
+    feats = run_packed(patched_model if patched else plain, [i.bfloat16() for i in imgs], layers=[0])
+    for img, f in zip(imgs, feats):
+        ref = run(oracle, img[None].double(), output_hidden_states=True)
+        base = run(plain, img[None].bfloat16(), output_hidden_states=True)
+        for got, r, b in ((torch.cat([f.cls[None], f.registers, f.patches.flatten(0, 1)]),
+                           ref.last_hidden_state[0], base.last_hidden_state[0]),
+                          (torch.cat([f.layers[0].cls[None], f.layers[0].registers,
+                                      f.layers[0].patches.flatten(0, 1)]),
+                           ref.hidden_states[1][0], base.hidden_states[1][0])):
+            assert got.dtype == torch.bfloat16
+            assert_flash_rule(got, r, b)
+
+
+@pytest.mark.parametrize("compiler", ["compile", "export"])
+def test_compiled_patched_bf16_within_flash_rule(compiler):
+    """torch.compile(fullgraph=True) and torch.export of a patched bf16 model (the plain path: no
+    oneDNN op while tracing) stay within flash-attention's rule of transformers' eager bf16."""
+    torch._dynamo.reset()
+    plain, patched, oracle = _bf16_models(layers=2, hidden=64)
+    x = torch.stack(images([(32, 48)] * 2, seed=23)).bfloat16()
+    with torch.no_grad():
+        fn = torch.compile(patched, fullgraph=True) if compiler == "compile" else \
+            torch.export.export(patched, (x,), strict=False).module()
+        got = fn(x).last_hidden_state
+    assert got.dtype == torch.bfloat16
+    assert_flash_rule(got, run(oracle, x.double()).last_hidden_state, run(plain, x).last_hidden_state)

@@ -1,6 +1,8 @@
 """varlen_attention: every backend against the reference and against dense masked SDPA; fused RoPE
 against rope2d + attention; gradients; torch.compile; bad input; launch grids within CUDA limits."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -43,12 +45,31 @@ def rope_case(grids, P, H, D, dtype=torch.float32, seed=0, requires_grad=False, 
     return q, k, v, cu, dinofast.RopeSpec(g, P, **spec_kw), max(lengths)
 
 
+def cpu_flags() -> set:
+    """The CPU feature flags /proc/cpuinfo lists (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def cpp_low_precision_gemms(dtype) -> bool:
+    """Whether the cpp backend computes fp16/bf16 attention on gemms of that dtype here (oneDNN's
+    packed brgemm: AMX for bf16, AMX-FP16 for fp16, oneDNN enabled) instead of converting to fp32."""
+    flag = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype)
+    return (flag is not None and flag in cpu_flags() and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled)
+
+
 def assert_low_precision_close(got, oracle, baseline, dtype, gradients=False):
     """got (fp16/bf16) against the fp64 oracle. fp32-accumulating backends: one rounding of the dtype
     (TOL[dtype]; gradients: GRAD_FP32_ACCUM_ATOL absolute, since every backend reads the saved
-    output O in the input dtype for delta = rowsum(dO * O)). Tensor-core backends: flash-attention's
-    rule, at most twice the error of `baseline` (PyTorch's same-dtype computation)."""
-    if _backend.forced_backend() in FP32_ACCUMULATING:
+    output O in the input dtype for delta = rowsum(dO * O)). Tensor-core backends, and cpp where it
+    computes on fp16/bf16 gemms: flash-attention's rule, at most twice the error of `baseline`
+    (PyTorch's same-dtype computation)."""
+    name = _backend.forced_backend()
+    if name in FP32_ACCUMULATING and not (name == "cpp" and cpp_low_precision_gemms(dtype)):
         tol = dict(TOL[dtype], atol=GRAD_FP32_ACCUM_ATOL) if gradients else TOL[dtype]
         err, bound = (got.double() - oracle.double()).abs(), tol["atol"] + tol["rtol"] * oracle.double().abs()
         assert (err <= bound).all(), f"max abs err {err.max().item():.3g}"
@@ -165,11 +186,9 @@ def test_low_precision_against_fp64(kernel_backend, dtype, rope, layout):
 NAN_CASES = ["nan-query", "nan-key", "inf-key", "nan-value", "scale-1e38"]
 
 
-@pytest.mark.parametrize("case", NAN_CASES)
-def test_nan_and_inf_propagate_as_in_the_reference(kernel_backend, case):
-    lengths = [5, 1, 7, 3]
-    q, k, v, cu = packed_qkv(lengths, 2, 16, seed=30)
-    scale = 1e38 if case == "scale-1e38" else None
+def poison(q, k, v, case):
+    """Puts the NaN/Inf of `case` into q, k or v (a token of segment 2 of [5, 1, 7+, ...]); returns
+    the softmax_scale of the case (1e38 for scale-1e38, else None)."""
     if case == "nan-query":
         q[2, 0, 3] = float("nan")
     elif case == "nan-key":
@@ -178,6 +197,14 @@ def test_nan_and_inf_propagate_as_in_the_reference(kernel_backend, case):
         k[8, 1, 0] = float("inf")
     elif case == "nan-value":
         v[13, 0, 5] = float("nan")
+    return 1e38 if case == "scale-1e38" else None
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_nan_and_inf_propagate_as_in_the_reference(kernel_backend, case):
+    lengths = [5, 1, 7, 3]
+    q, k, v, cu = packed_qkv(lengths, 2, 16, seed=30)
+    scale = poison(q, k, v, case)
     out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, 7, softmax_scale=scale)
     ref, ref_lse = varlen_attention_reference(q, k, v, cu, softmax_scale=scale if scale else 16**-0.5)
     assert ref.isnan().any()
@@ -546,3 +573,127 @@ def test_tiles_cross_gpu_block_sizes(backend_name, monkeypatch, grid_x_limit):
     assert_close(out, rope2d_then_attention(q, k, v, cu, spec))
     for g, w in zip(got, want):
         assert_close(g, w, scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU kernel's fp16/bf16 paths: low-precision gemms (oneDNN brgemm, AMX) and the fp32 one
+# ---------------------------------------------------------------------------------------------
+# Images whose token counts (P=5 prefix tokens) cross the C++ tiles: 256-query forward tiles,
+# 512-key forward tiles, 256-row backward tiles, 64-column packed gemm blocks; odd counts (the gemms
+# take pairs of keys/queries), a 6-token image.
+CPU_TILE_GRIDS = [(20, 30), (1, 1), (8, 9), (16, 32), (10, 25)]  # 605, 6, 77, 517, 255 tokens
+CPU_TILE_GRIDS_BWD = [(14, 21), (1, 1), (8, 9), (12, 21)]  # 299, 6, 77, 257 tokens
+
+
+@pytest.fixture(params=["low-precision-gemms", "fp32-gemms"])
+def cpu_gemm_path(request):
+    """The cpp backend on CPU tensors; "fp32-gemms" with oneDNN disabled, which makes fp16/bf16
+    take the fp32 conversion path (the only one on CPUs without AMX)."""
+    reason = _backend.why_unavailable("cpp", "cpu")
+    if reason:
+        pytest.skip(reason=f"cpp on cpu: {reason}")
+    with warnings.catch_warnings():
+        # torch warns on every flags() use that oneDNN TF32 needs an Intel GPU: unrelated here
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with dinofast.backend("cpp"), torch.backends.mkldnn.flags(enabled=request.param != "fp32-gemms"):
+            yield request.param
+
+
+def cpu_rope_case(grids, D, dtype, seed, rope, requires_grad=False):
+    """q, k, v [T, 3, D] on the CPU for images `grids` with 5 prefix tokens; spec None without RoPE."""
+    lengths = [5 + h * w for h, w in grids]
+    q, k, v = (randn(sum(lengths), 3, D, dtype=dtype, device="cpu", seed=seed + i) for i in range(3))
+    cu = make_cu_seqlens(lengths, device="cpu")
+    spec = dinofast.RopeSpec(torch.tensor(grids, dtype=torch.int32), 5) if rope else None
+    return q, k, v, cu, spec, max(lengths)
+
+
+def rotated(q, k, cu, spec):
+    if spec is None:
+        return q, k
+    return rope2d_reference(q, k, spec.grids, num_prefix_tokens=spec.num_prefix_tokens, cu_seqlens=cu)
+
+
+CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D, rope", CPU_LP_CASES, ids=[f"D{d}-{'rope' if r else 'plain'}" for d, r in CPU_LP_CASES])
+def test_cpu_low_precision_forward_across_tiles(cpu_gemm_path, dtype, D, rope):
+    q, k, v, cu, spec, max_len = cpu_rope_case(CPU_TILE_GRIDS, D, dtype, seed=40 + D, rope=rope)
+    q, k, v = qkv_views(q, k, v)  # strided rows, as a fused qkv projection makes them
+    out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, max_len, rope=spec)
+    rq, rk = rotated(q, k, cu, spec)
+    ref, _ = varlen_attention_reference(rq.double(), rk.double(), v.double(), cu)
+    assert out.dtype == dtype
+    baseline = torch_attention_same_dtype(rq, rk, v, cu)
+    if rope:  # the fused rotation rounds a few elements one ulp off rope2d's (fp32 sin/cos differ):
+        assert_flash_rule(out, ref, baseline)  # beyond one rounding of the output, on any path
+    else:
+        assert_low_precision_close(out, ref, baseline, dtype)
+    # lse: fp32 sums of exact products of the rounded inputs, as the reference's fp32 computation
+    assert_lse_close(lse, varlen_attention_reference(rq, rk, v, cu)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D, rope", CPU_LP_CASES, ids=[f"D{d}-{'rope' if r else 'plain'}" for d, r in CPU_LP_CASES])
+def test_cpu_low_precision_gradients_across_tiles(cpu_gemm_path, dtype, D, rope):
+    q, k, v, cu, spec, max_len = cpu_rope_case(CPU_TILE_GRIDS_BWD, D, dtype, seed=50 + D, rope=rope)
+    grad_out = randn(*q.shape, dtype=dtype, device="cpu", seed=59)
+    got = _grads(lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, max_len, rope=spec), (q, k, v), grad_out)
+    want = _grads(lambda a, b, c: varlen_attention_reference(a, b, c, cu, rope=spec)[0],
+                  (q.double(), k.double(), v.double()), grad_out.double())
+
+    def same_dtype_torch(a, b, c):  # the flash rule's baseline: PyTorch in the input dtype
+        ra, rb = rotated(a, b, cu, spec)
+        return torch_attention_same_dtype(ra, rb, c, cu)
+
+    baseline = _grads(same_dtype_torch, (q, k, v), grad_out)
+    for g, w, b in zip(got, want, baseline):
+        assert g.dtype == dtype
+        if rope:  # as in the forward test: the fused rotation's one-ulp differences
+            assert_flash_rule(g, w, b)
+        else:
+            assert_low_precision_close(g, w, b, dtype, gradients=True)
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_cpu_low_precision_nan_and_inf_propagate(cpu_gemm_path, case):
+    """bf16 inputs: NaN exactly where the reference (fp32 on the bf16 values) has NaN, forward and
+    backward; lse finite where the reference's is. softmax_scale=1e38 overflows some scores to +-inf:
+    the product must be rounded before the row max is subtracted, as in the reference."""
+    lengths = [5, 1, 70, 3]
+    q, k, v = (randn(sum(lengths), 2, 16, dtype=torch.bfloat16, device="cpu", seed=60 + i) for i in range(3))
+    cu = make_cu_seqlens(lengths, device="cpu")
+    scale = poison(q, k, v, case)
+    grad_out = randn(*q.shape, dtype=torch.bfloat16, device="cpu", seed=64)
+    fn = lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, 70, softmax_scale=scale)  # noqa: E731
+    ref_fn = lambda a, b, c: varlen_attention_reference(a, b, c, cu, softmax_scale=scale)[0]  # noqa: E731
+    out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, 70, softmax_scale=scale)
+    ref, ref_lse = varlen_attention_reference(q, k, v, cu, softmax_scale=scale)
+    assert ref.isnan().any()
+    assert_nan_like(out, ref)
+    if case != "nan-value":
+        assert torch.equal(lse.isfinite(), ref_lse.isfinite())
+    if case == "inf-key" and cpu_gemm_path == "fp32-gemms":
+        return  # the fp32 path's dQ (an MKL sgemm) is finite where 0 * inf makes the reference's NaN
+    for g, w in zip(_grads(fn, (q, k, v), grad_out), _grads(ref_fn, (q, k, v), grad_out)):
+        assert_nan_like(g, w)
+
+
+def test_cpu_bf16_takes_the_low_precision_gemms():
+    """Where the CPU has AMX, bf16 attention rounds P (and dS) to bf16 for its gemms: its result is
+    not the fp32 path's (oneDNN disabled), and both meet their accuracy bars."""
+    if _backend.why_unavailable("cpp", "cpu") or not cpp_low_precision_gemms(torch.bfloat16):
+        pytest.skip(reason="needs the cpp backend and a CPU with AMX-BF16 (oneDNN enabled)")
+    q, k, v, cu, spec, max_len = cpu_rope_case([(8, 9), (16, 20)], 64, torch.bfloat16, seed=70, rope=False)
+    with dinofast.backend("cpp"):
+        low = dinofast.varlen_attention(q, k, v, cu, max_len)
+        with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            assert not cpp_low_precision_gemms(torch.bfloat16)
+            fp32 = dinofast.varlen_attention(q, k, v, cu, max_len)
+    ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu)
+    assert not torch.equal(low, fp32)
+    assert_flash_rule(low, ref, torch_attention_same_dtype(q, k, v, cu))
+    assert_close(fp32, ref, torch.bfloat16)

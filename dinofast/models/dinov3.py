@@ -9,18 +9,20 @@ parameter, buffer or state-dict key changes, and `unpatch_dinov3` swaps the clas
       the parameters' versions), dinofast's 2D RoPE on the q/k views of that buffer (in place when
       no gradient is needed), then attention; the attention maps on an explicit path when
       transformers would return them (output_attentions with the eager implementation).
-  layer.i (DINOv3ViTLayer): the same block; on the CPU inference path (fp32, no autograd, eval) the
-      MLP activation runs in the first GEMM's epilogue and LayerScale + residual in the next GEMM's
-      (oneDNN post-ops), which is most of the CPU speed-up over transformers. Eager only: while
-      torch.compile / torch.export trace, every layer takes the plain path (see _tracing).
+  layer.i (DINOv3ViTLayer): the same block; on the CPU inference path (fp32, and bf16 where oneDNN
+      runs it natively; no autograd, eval) every GEMM is one oneDNN call on weights cached in its
+      packed layout, with the bias and the MLP activation in the epilogue and LayerScale (folded
+      into the weights) + residual in the o_proj/down_proj epilogues (oneDNN post-ops), which is
+      most of the CPU speed-up over transformers. Eager only: while torch.compile / torch.export
+      trace, every layer takes the plain path (see _tracing).
 The encoder is transformers' own; it hands the plan to every layer unchanged.
 
 `encode_packed` runs the same modules over one packed sequence of images of different sizes:
 [CLS, registers, patches] per image back to back, no padding, varlen attention with fused RoPE.
 
-Every attention call goes through `_attend_batched` (rope2d_ + SDPA: on CPU torch's flash SDPA beats
-the cpp varlen kernel on long same-size sequences) or `_attend_packed` (dinofast.varlen_attention),
-the only places that pick an attention implementation.
+Every attention call goes through `_attend_batched` (rope2d_ + SDPA: on CPU torch's flash SDPA is
+at least as fast as the cpp varlen kernel on one long sequence, fp32 and bf16) or `_attend_packed`
+(dinofast.varlen_attention), the only places that pick an attention implementation.
 """
 from __future__ import annotations
 
@@ -142,7 +144,9 @@ def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_pre
 
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: float) -> Tensor:
     """q, k, v [T, H, D] packed (strided views of the qkv buffer) -> [T, H, D]; each image attends
-    only to itself, RoPE fused into the attention's Q/K loads."""
+    only to itself, RoPE fused into the attention's Q/K loads. In CPU bf16 too: the cpp kernel
+    multiplies on bf16 GEMMs where oneDNN packs them (AMX), faster on a mix of images than torch's
+    bf16 SDPA image by image after rope2d_ (benchmarks/README.md)."""
     return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, softmax_scale=scale, rope=plan.rope,
                             layout=plan.layout)
 
@@ -181,32 +185,61 @@ def _concat_qkv(projs) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
-    """(weight [3C, C], bias [3C] or None, cached): q_proj | k_proj | v_proj concatenated.
+class _CacheSlot:
+    """A value derived from parameters and the key it was built for (see _cached). Copies and
+    pickles as empty (rebuilt on first use): oneDNN-packed tensors can be neither deep-copied nor
+    pickled, and a copy would only carry derived tensors its own parameters do not match."""
 
-    Built once and kept (detached) in the attention module, keyed by the identity and version
-    counter of each of the six tensors: an optimizer step, an in-place edit, load_state_dict or
-    .to() changes a key and the next call rebuilds it. Costs 3*C*C extra values per layer.
-    Not cached (cached=False, a differentiable concatenation) while a compiler traces (the graph
-    gets the concatenation, which the compiler may constant-fold) or for inference tensors (no
-    version counter)."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if _tracing(attn.q_proj.weight):
-        return (*_concat_qkv(projs), False)
-    key = _version_key(*(p.weight for p in projs), *(p.bias for p in projs))
+    __slots__ = ("key", "value")
+
+    def __init__(self, key=None, value=None):
+        self.key, self.value = key, value
+
+    def __deepcopy__(self, memo):
+        return _CacheSlot()
+
+    def __reduce__(self):
+        return _CacheSlot, ()
+
+
+def _cached(module: nn.Module, name: str, sources: Sequence[Tensor | None], build) -> tuple[object, bool]:
+    """(build(), cached): a value derived from `sources` (parameters), kept detached in
+    module.__dict__[name] and keyed by the identity and version counter of each source, so an
+    optimizer step, an in-place edit, load_state_dict or .to() changes the key and the next call
+    rebuilds it. Not kept (cached=False, build() called every time, differentiably) while a
+    compiler traces (the graph gets the computation, which the compiler may constant-fold) or for
+    inference tensors (no version counter)."""
+    if _tracing(sources[0]):
+        return build(), False
+    key = _version_key(*sources)
     if key is None:
-        return (*_concat_qkv(projs), False)
-    cached = attn.__dict__.get("_dinofast_qkv")
-    if cached is None or cached[0] != key:
+        return build(), False
+    slot = module.__dict__.get(name)
+    if slot is None or slot.key != key:
         with torch.no_grad():
-            cached = (key, *_concat_qkv(projs))
-        attn.__dict__["_dinofast_qkv"] = cached
-    return cached[1], cached[2], True
+            slot = _CacheSlot(key, build())
+        module.__dict__[name] = slot
+    return slot.value, True
 
 
-def _qkv_projection(attn, hidden_states: Tensor) -> Tensor:
+def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
+    """(weight [3C, C], bias [3C] or None, cached): q_proj | k_proj | v_proj concatenated, cached
+    by _cached (3*C*C extra values per layer)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    (weight, bias), cached = _cached(attn, "_dinofast_qkv", [*(p.weight for p in projs), *(p.bias for p in projs)],
+                                     lambda: _concat_qkv(projs))
+    return weight, bias, cached
+
+
+def _qkv_projection(attn, hidden_states: Tensor, onednn: bool = False) -> Tensor:
     """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM with the
-    cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters."""
+    cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters.
+    onednn: the CPU inference path (see _cpu_inference), bias in the GEMM epilogue."""
+    if onednn:
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        params = _onednn_params(attn, "_dinofast_qkv_onednn", [*(p.weight for p in projs), *(p.bias for p in projs)],
+                                lambda: _concat_qkv(projs))
+        return _onednn_linear(hidden_states, params).unflatten(-1, (3, attn.num_heads, attn.head_dim))
     weight, bias, cached = _fused_qkv(attn)
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     params = [p.weight for p in projs] + [p.bias for p in projs]
@@ -225,9 +258,11 @@ def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _P
     return attn.o_proj(_attention_heads(attn, hidden_states, plan))
 
 
-def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan]) -> Tensor:
-    """_attention_forward before the output projection: the heads' outputs, [..., C]."""
-    qkv = _qkv_projection(attn, hidden_states)
+def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan],
+                     onednn: bool = False) -> Tensor:
+    """_attention_forward before the output projection: the heads' outputs, [..., C].
+    onednn: the CPU inference path (see _cpu_inference)."""
+    qkv = _qkv_projection(attn, hidden_states, onednn)
     q, k, v = qkv.unbind(-3)  # views, [..., H, D]
     if isinstance(plan, _PackedPlan):
         out = _attend_packed(q, k, v, plan, attn.scaling)
@@ -241,18 +276,58 @@ def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _Pac
 
 
 @functools.lru_cache(maxsize=None)
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes of the CPU oneDNN path: fp32, and bf16 where oneDNN runs it natively (AVX-512 BF16
+    / AMX; elsewhere ATen's own bf16 GEMM is the better choice). Empty without oneDNN post-ops."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return ()
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return bool(_onednn_dtypes())
 
 
 def _cpu_inference(layer, x: Tensor) -> bool:
-    """True where the oneDNN path runs: contiguous fp32 CPU tensors, no autograd, no drop-path (eval),
-    no autocast (its GEMMs would hand bf16 activations to the fp32 post-op GEMMs)."""
+    """True where the oneDNN path runs: contiguous fp32 (or natively supported bf16) CPU tensors in
+    the layer's dtype, no autograd, no drop-path (eval), no autocast (its GEMMs would hand
+    activations of another dtype to the post-op GEMMs)."""
     # Compilers take the plain path: Inductor does not lower mkldnn._linear_pointwise (it fuses
     # the same epilogues itself) and export has no fake kernel for it.
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not layer.training and x.is_contiguous()
-            and not _tracing(x) and _onednn_linear_available())
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not layer.training and x.is_contiguous() and not _tracing(x) and x.dtype in _onednn_dtypes()
+            and x.dtype == layer.attention.o_proj.weight.dtype)
+
+
+def _onednn_params(module: nn.Module, name: str, sources: Sequence[Tensor | None], build
+                   ) -> tuple[Tensor, Tensor | None]:
+    """build()'s (weight [C_out, C_in], bias) for the oneDNN GEMMs, the weight in oneDNN's packed
+    layout (blocked for AMX / AVX-512) and cached in `module` (see _cached): given a plain weight,
+    oneDNN re-packs it on every call, which costs as much as the GEMM itself at a few hundred
+    tokens. Costs one packed copy of each weight. Inference tensors: plain, built per call."""
+    if _version_key(*sources) is None:
+        return build()
+
+    def packed():
+        weight, bias = build()
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+
+    return _cached(module, name, sources, packed)[0]
+
+
+def _linear_params(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    return _onednn_params(linear, "_dinofast_onednn", [linear.weight, linear.bias],
+                          lambda: (linear.weight, linear.bias))
+
+
+def _onednn_linear(x: Tensor, params: tuple[Tensor, Tensor | None], activation: str = "none") -> Tensor:
+    """activation(x @ weight.T + bias) as one oneDNN GEMM (CPU inference path), params from
+    _onednn_params: the bias and the activation ("none", "gelu" (erf), "swish") run in the GEMM's
+    epilogue. ATen's bf16 addmm first copies the broadcast bias into the output and accumulates onto
+    it, one more pass over the output."""
+    weight, bias = params
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [],
+                                              "none" if activation == "gelu" else "")
 
 
 def _mlp_hidden(mlp, x: Tensor) -> Tensor:
@@ -263,17 +338,18 @@ def _mlp_hidden(mlp, x: Tensor) -> Tensor:
     if mlp.config.hidden_act not in (("silu", "swish") if gated else ("gelu",)):
         return None
     first = mlp.gate_proj if gated else mlp.up_proj
-    h = torch.ops.mkldnn._linear_pointwise(x, first.weight, first.bias, "swish" if gated else "gelu", [],
-                                           "" if gated else "none")
-    return h.mul_(mlp.up_proj(x)) if gated else h
+    h = _onednn_linear(x, _linear_params(first), "swish" if gated else "gelu")
+    return h.mul_(_onednn_linear(x, _linear_params(mlp.up_proj))) if gated else h
 
 
 def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Tensor:
     """residual + scale * linear(x) as ONE GEMM (CPU inference path): LayerScale folded into the
-    weight rows (a [C, K] multiply, small next to the GEMM over the tokens), residual added in the
-    GEMM epilogue (oneDNN binary post-op)."""
-    weight = linear.weight * scale[:, None]
-    bias = None if linear.bias is None else linear.bias * scale
+    weight rows (built once, see _onednn_params), residual added in the GEMM epilogue (oneDNN binary
+    post-op)."""
+    def build():
+        return linear.weight * scale[:, None], None if linear.bias is None else linear.bias * scale
+
+    weight, bias = _onednn_params(linear, "_dinofast_scaled", [linear.weight, linear.bias, scale], build)
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
@@ -304,7 +380,7 @@ def _layer_forward(layer, hidden_states: Tensor, plan, **kwargs) -> Tensor:
     kwargs: transformers' per-call options (output_attentions), handed to the attention module."""
     attn = layer.attention
     if _cpu_inference(layer, hidden_states) and _unhooked(attn) and not _attentions_requested(kwargs):
-        h = _attention_heads(attn, layer.norm1(hidden_states), plan)
+        h = _attention_heads(attn, layer.norm1(hidden_states), plan, onednn=True)
         hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
         x = layer.norm2(hidden_states)
         h = _mlp_hidden(layer.mlp, x)
