@@ -599,9 +599,12 @@ def cpu_gemm_path(request):
             yield request.param
 
 
-def cpu_rope_case(grids, D, dtype, seed, rope, requires_grad=False):
-    """q, k, v [T, 3, D] on the CPU for images `grids` with 5 prefix tokens; spec None without RoPE."""
+def cpu_rope_case(grids, D, dtype, seed, rope):
+    """q, k, v [T, 3, D] on the CPU for images `grids` with 5 prefix tokens; without RoPE (spec
+    None) an empty segment follows the first image."""
     lengths = [5 + h * w for h, w in grids]
+    if not rope:
+        lengths.insert(1, 0)
     q, k, v = (randn(sum(lengths), 3, D, dtype=dtype, device="cpu", seed=seed + i) for i in range(3))
     cu = make_cu_seqlens(lengths, device="cpu")
     spec = dinofast.RopeSpec(torch.tensor(grids, dtype=torch.int32), 5) if rope else None
@@ -614,7 +617,7 @@ def rotated(q, k, cu, spec):
     return rope2d_reference(q, k, spec.grids, num_prefix_tokens=spec.num_prefix_tokens, cu_seqlens=cu)
 
 
-CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False)]
+CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False), (256, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
