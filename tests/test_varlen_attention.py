@@ -1,6 +1,7 @@
 """varlen_attention: every backend against the reference and against dense masked SDPA; fused RoPE
 against rope2d + attention; gradients; torch.compile; bad input; launch grids within CUDA limits."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -592,11 +593,18 @@ def cpu_gemm_path(request):
     reason = _backend.why_unavailable("cpp", "cpu")
     if reason:
         pytest.skip(reason=f"cpp on cpu: {reason}")
+    with dinofast.backend("cpp"), onednn(enabled=request.param != "fp32-gemms"):
+        yield request.param
+
+
+@contextlib.contextmanager
+def onednn(enabled: bool):
+    """torch.backends.mkldnn.flags(enabled=enabled), without torch's warning (on every use of flags())
+    that oneDNN TF32 needs an Intel GPU."""
     with warnings.catch_warnings():
-        # torch warns on every flags() use that oneDNN TF32 needs an Intel GPU: unrelated here
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        with dinofast.backend("cpp"), torch.backends.mkldnn.flags(enabled=request.param != "fp32-gemms"):
-            yield request.param
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            yield
 
 
 def cpu_rope_case(grids, D, dtype, seed, rope):
@@ -692,8 +700,7 @@ def test_cpu_bf16_takes_the_low_precision_gemms():
     q, k, v, cu, spec, max_len = cpu_rope_case([(8, 9), (16, 20)], 64, torch.bfloat16, seed=70, rope=False)
     with dinofast.backend("cpp"):
         low = dinofast.varlen_attention(q, k, v, cu, max_len)
-        with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with onednn(enabled=False):
             assert not cpp_low_precision_gemms(torch.bfloat16)
             fp32 = dinofast.varlen_attention(q, k, v, cu, max_len)
     ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu)
