@@ -493,12 +493,19 @@ bool use_low_precision_gemms(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) && at::native::cpublas::could_pack(t);
 }
 
-int64_t round_up_even(int64_t n) { return n + (n & 1); }
+// oneDNN JIT-compiles and caches one kernel per gemm shape, per thread, for the life of the process:
+// tiles are padded so that shapes take few values whatever the segment lengths (rows of A to
+// kPadM, the reduction dim to kPadK, packed B blocks to their full 64 columns), with zeros where
+// the padding meets the other operand and room in C for the extra rows/columns.
+constexpr int64_t kPadM = 32, kPadK = 64;
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Packed B from rows [K, n_cols] (row stride ld): block c holds columns [64c, 64c + 64) as
-// [Kp/2, 64, 2], Kp = K rounded up to even, blocks block_stride apart. A missing row K (odd K) and
-// columns past n_cols are zero, so they add nothing whatever the other operand holds there.
-void pack_b_rows(const uint16_t* rows, int64_t ld, int64_t K, int64_t n_cols, uint16_t* dst, int64_t block_stride) {
+// [k_pad/2, 64, 2] (k_pad >= K, even), blocks block_stride apart. Rows [K, k_pad) and columns past
+// n_cols are zero, so they add nothing whatever the other operand holds there.
+void pack_b_rows(const uint16_t* rows, int64_t ld, int64_t K, int64_t n_cols, uint16_t* dst, int64_t block_stride,
+                 int64_t k_pad) {
   const int64_t pairs = (K + 1) / 2;
   for (int64_t c0 = 0; c0 < n_cols; c0 += kPackN) {
     const int64_t nc = std::min(kPackN, n_cols - c0);
@@ -513,6 +520,7 @@ void pack_b_rows(const uint16_t* rows, int64_t ld, int64_t K, int64_t n_cols, ui
       }
       std::memset(out + 2 * nc, 0, (kPackN - nc) * 2 * sizeof(uint16_t));
     }
+    std::memset(blk + pairs * 2 * kPackN, 0, (k_pad / 2 - pairs) * 2 * kPackN * sizeof(uint16_t));
   }
 }
 
@@ -546,11 +554,13 @@ void brgemm_lp(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_
 }
 
 // C [M, n_cols] (+)= A [M, K] B, B packed by pack_b_rows / pack_b_transposed (blocks block_stride apart).
+// full_blocks: every block computes all its 64 columns (C has room up to n_cols rounded up to 64,
+// and B's columns past n_cols are zero), so the last block's width does not vary.
 template <typename scalar_t>
 void gemm_packed(int64_t M, int64_t n_cols, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
-                 int64_t block_stride, float* C, int64_t ldc, bool add_C) {
+                 int64_t block_stride, float* C, int64_t ldc, bool add_C, bool full_blocks = false) {
   for (int64_t c0 = 0; c0 < n_cols; c0 += kPackN)
-    brgemm_lp<scalar_t>(M, std::min(kPackN, n_cols - c0), K, lda, kPackN, ldc, add_C, A,
+    brgemm_lp<scalar_t>(M, full_blocks ? kPackN : std::min(kPackN, n_cols - c0), K, lda, kPackN, ldc, add_C, A,
                         B + (c0 / kPackN) * block_stride, C + c0);
 }
 
@@ -568,7 +578,8 @@ void round_row(const float* x, uint16_t* y, int64_t n) {
 
 // s[j] = exp(s[j] * scale - lse[j]): the probabilities of one key against a row of queries. The
 // product is rounded before the subtraction (no fma contraction), as the reference's scores are.
-DF_MULTIVERSION __attribute__((optimize("fp-contract=off"))) void exp_scaled_minus(float* s, int64_t n, float scale, const float* lse) {
+DF_MULTIVERSION __attribute__((optimize("fp-contract=off"))) void exp_scaled_minus(float* s, int64_t n, float scale,
+                                                                                   const float* lse) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] * scale - lse[j]);
 }
@@ -594,27 +605,28 @@ bool cpu_has_avx512() {
   return has;
 }
 
-// exp(x) by fast_exp's reduction and polynomial, 16 lanes at a time; vscalefps applies 2^n with
-// IEEE overflow and underflow, so only -inf needs a clamp (to -104, where exp rounds to 0). A NaN
-// lane stays NaN (max(lo, x) returns x for a NaN x). +inf never reaches it: every caller subtracts
-// the row's max score or its log-sum-exp.
+// exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 in one fma, e^r by a degree-5 polynomial
+// fitted for relative error on |r| <= ln(2)/2: within 4e-7 of exp where exp(x) > 1e-30 (a few fp32
+// ulp; the bf16 operands made from it round at 4e-3). vscalefps applies 2^n with IEEE overflow and
+// underflow, so only -inf needs a clamp (to -104, where exp rounds to 0). A NaN lane stays NaN
+// (max(lo, x) returns x for a NaN x). +inf never reaches it: every caller subtracts the row's max
+// score or its log-sum-exp.
 DF_AVX512 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
+  __m512 y = _mm512_set1_ps(0.008297654800117016f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.04191538318991661f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.16667574644088745f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.49998894333839417f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.9999997019767761f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_scalef_ps(y, n);
 }
 
-// 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16.
+// 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16,
+// which also flushes fp32 denormals (below 1.2e-38) to zero: P and dS values of no weight here.
 DF_AVX512 inline __m256i to_bf16x16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
 
 // The scores are scale * dot rounded, then shifted: a contraction into one fma (which GCC does to
@@ -755,15 +767,16 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     st.vpack.resize(n_dblocks * kBlockK * kPackN);
     st.p.resize(kBlockQ * kBlockK);
     st.s.resize(kBlockQ * kBlockK);
-    st.o.assign(R * D, 0.f);
+    const int64_t Rp = round_up(R, kPadM);  // the gemms run on Rp rows; rows >= R are dropped
+    st.o.assign(Rp * D, 0.f);
     st.m.assign(R, -std::numeric_limits<float>::infinity());
     st.l.assign(R, 0.f);
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
-    // Q (A operand) and K are read in place unless RoPE rotates them
+    // Q (A operand) is read in place unless RoPE rotates it or its last tile needs zero pad rows
     const uint16_t* qrows = head_rows(qp, sq, h, task.row0);
     int64_t ldq = sq.t;
-    if (rope != nullptr) {
-      st.q.resize(R * D);
+    if (rope != nullptr || Rp != R) {
+      st.q.assign(Rp * D, 0);
       rows_lp(qp, sq, h, task.row0, R, D, st.q.data(), rope, start, P, st.tmp.data());
       qrows = st.q.data();
       ldq = D;
@@ -771,7 +784,7 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     float* S = st.s.data();
     uint16_t* Pm = st.p.data();
     for (int64_t k0 = start; k0 < end; k0 += kBlockK) {
-      const int64_t N = std::min(kBlockK, end - k0), Np = round_up_even(N);
+      const int64_t N = std::min(kBlockK, end - k0), Np = round_up(N, kPadK);
       const uint16_t* krows = head_rows(kp, sk, h, k0);
       int64_t ldk = sk.t;
       if (rope != nullptr) {
@@ -781,13 +794,14 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         ldk = D;
       }
       pack_b_transposed(krows, ldk, N, D, st.kpack.data());                            // K^T
-      pack_b_rows(head_rows(vp, sv, h, k0), sv.t, N, D, st.vpack.data(), Np * kPackN);  // V
+      pack_b_rows(head_rows(vp, sv, h, k0), sv.t, N, D, st.vpack.data(), Np * kPackN, Np);  // V
       for (int64_t b0 = 0; b0 < R; b0 += kBlockQ) {  // each query tile against this K/V tile
-        const int64_t M = std::min(kBlockQ, R - b0);
+        const int64_t M = std::min(kBlockQ, R - b0), Mp = round_up(M, kPadM);
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
-        gemm_packed<scalar_t>(M, N, D, qrows + b0 * ldq, ldq, st.kpack.data(), D * kPackN, S, kBlockK, false);
+        gemm_packed<scalar_t>(Mp, N, D, qrows + b0 * ldq, ldq, st.kpack.data(), D * kPackN, S, kBlockK, false,
+                              true);
         for (int64_t r = 0; r < M; ++r) {  // online softmax; P rounded to scalar_t for the P V gemm
           float* srow = S + r * kBlockK;
           // max of the scores = scale * (max of the dots): rounding is monotone and scale > 0
@@ -796,9 +810,9 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           l[r] = l[r] * alpha + exp_sum_to_lp<scalar_t>(srow, N, p.scale, m_new, Pm + r * kBlockK);
           if (alpha != 1.f) scale_row(o + r * D, D, alpha);
           m[r] = m_new;
-          if (Np != N) Pm[r * kBlockK + N] = 0;  // the zero row of the packed V meets a zero here
+          std::memset(Pm + r * kBlockK + N, 0, (Np - N) * sizeof(uint16_t));  // meet V's zero pad rows
         }
-        gemm_packed<scalar_t>(M, D, Np, Pm, kBlockK, st.vpack.data(), Np * kPackN, o, D, true);  // O += P V
+        gemm_packed<scalar_t>(Mp, D, Np, Pm, kBlockK, st.vpack.data(), Np * kPackN, o, D, true);  // O += P V
       }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -810,7 +824,7 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
 }
 
 struct BwdLpState : LowPrecisionState {
-  std::vector<uint16_t> q, k, kt, qt_pack, gt_pack, g_pack, q_pack, pt, dst, ds_pack;
+  std::vector<uint16_t> q, k, v, kt, qt_pack, gt_pack, g_pack, q_pack, pt, dst, ds_pack;
   std::vector<float> delta, dqt, dq, dk, dv, s, dp;
 };
 
@@ -832,24 +846,26 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
   const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
   std::vector<Task> tasks = backward_tasks(p, segs);
   run_tasks<BwdLpState>(tasks, [&](const Task& task, BwdLpState& st) {
-    const int64_t start = task.row0, L = task.rows, Lp = round_up_even(L), h = task.head;
+    const int64_t start = task.row0, L = task.rows, h = task.head;
+    const int64_t Lp = round_up(L, kPadK);  // rows [L, Lp) of the copies and packs are zero
     const int64_t n_lblocks = (L + kPackN - 1) / kPackN;
     st.tmp.resize(D);
     RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
+    // K and V (A operands) copied with zero pad rows; Q (RoPE) rotated; dO read in place
     const uint16_t* qrows = head_rows(qp, sq, h, start);
-    const uint16_t* krows = head_rows(kp, sk, h, start);
-    const uint16_t* vrows = head_rows(vp, sv, h, start);
     const uint16_t* grows = head_rows(gp, sg, h, start);
-    int64_t ldq = sq.t, ldk = sk.t;
+    int64_t ldq = sq.t;
     if (rope != nullptr) {
       st.q.resize(L * D);
-      st.k.resize(L * D);
       rows_lp(qp, sq, h, start, L, D, st.q.data(), rope, start, P, st.tmp.data());
-      rows_lp(kp, sk, h, start, L, D, st.k.data(), rope, start, P, st.tmp.data());
       qrows = st.q.data();
-      krows = st.k.data();
-      ldq = ldk = D;
+      ldq = D;
     }
+    st.k.assign(Lp * D, 0);
+    st.v.assign(Lp * D, 0);
+    rows_lp(kp, sk, h, start, L, D, st.k.data(), rope, start, P, st.tmp.data());
+    rows_lp(vp, sv, h, start, L, D, st.v.data(), nullptr, start, 0, st.tmp.data());
+    const uint16_t *krows = st.k.data(), *vrows = st.v.data();
     // B operands shared by every tile pair of the task, and K^T as the A operand of dQ^T
     st.qt_pack.resize(n_lblocks * D * kPackN);
     st.gt_pack.resize(n_lblocks * D * kPackN);
@@ -857,11 +873,13 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     st.g_pack.resize(n_dblocks * Lp * kPackN);
     pack_b_transposed(qrows, ldq, L, D, st.qt_pack.data());
     pack_b_transposed(grows, sg.t, L, D, st.gt_pack.data());
-    pack_b_rows(qrows, ldq, L, D, st.q_pack.data(), Lp * kPackN);
-    pack_b_rows(grows, sg.t, L, D, st.g_pack.data(), Lp * kPackN);
-    st.kt.assign(D * Lp, 0);
+    pack_b_rows(qrows, ldq, L, D, st.q_pack.data(), Lp * kPackN, Lp);
+    pack_b_rows(grows, sg.t, L, D, st.g_pack.data(), Lp * kPackN, Lp);
+    // K^T and the dQ^T accumulator in [tile][D][B] blocks: fixed leading dims whatever L is
+    const int64_t n_tiles = (L + B - 1) / B;
+    st.kt.assign(n_tiles * D * B, 0);
     for (int64_t r = 0; r < L; ++r)
-      for (int64_t d = 0; d < D; ++d) st.kt[d * Lp + r] = krows[r * ldk + d];
+      for (int64_t d = 0; d < D; ++d) st.kt[(r / B) * D * B + d * B + r % B] = krows[r * D + d];
     st.delta.resize(L);
     for (int64_t r = 0; r < L; ++r) {  // delta = rowsum(dO * O), from the stored (rounded) O
       const scalar_t* orow = op + (start + r) * so.t + h * so.h;
@@ -870,9 +888,9 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
       for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(grow[d]) * static_cast<float>(orow[d]);
       st.delta[r] = acc;
     }
-    st.dqt.assign(D * L, 0.f);
-    st.dk.assign(L * D, 0.f);
-    st.dv.assign(L * D, 0.f);
+    st.dqt.assign(n_tiles * D * B, 0.f);
+    st.dk.assign(Lp * D, 0.f);
+    st.dv.assign(Lp * D, 0.f);
     st.s.resize(B * B);
     st.dp.resize(B * B);
     st.pt.resize(B * B);
@@ -882,34 +900,34 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     float *S = st.s.data(), *dP = st.dp.data();
     uint16_t *Pt = st.pt.data(), *dSt = st.dst.data();
     for (int64_t k0 = 0; k0 < L; k0 += B) {
-      const int64_t N = std::min(B, L - k0), Np = round_up_even(N);
+      const int64_t N = std::min(B, L - k0), Nm = round_up(N, kPadM), Nk = round_up(N, kPadK);
       for (int64_t q0 = 0; q0 < L; q0 += B) {
-        const int64_t M = std::min(B, L - q0), Mp = round_up_even(M);
+        const int64_t M = std::min(B, L - q0), Mk = round_up(M, kPadK);
         const uint16_t* qt_pack = st.qt_pack.data() + (q0 / kPackN) * D * kPackN;
         const uint16_t* gt_pack = st.gt_pack.data() + (q0 / kPackN) * D * kPackN;
-        gemm_packed<scalar_t>(N, M, D, krows + k0 * ldk, ldk, qt_pack, D * kPackN, S, B, false);  // S^T = K Q^T
+        gemm_packed<scalar_t>(Nm, M, D, krows + k0 * D, D, qt_pack, D * kPackN, S, B, false, true);  // S^T = K Q^T
         for (int64_t r = 0; r < N; ++r) {  // P^T, rounded for dV
           exp_scaled_minus_to_lp<scalar_t>(S + r * B, M, p.scale, lse_row + q0, Pt + r * B);
-          if (Mp != M) Pt[r * B + M] = 0;  // meets the zero pad row of the packed dO
+          std::memset(Pt + r * B + M, 0, (Mk - M) * sizeof(uint16_t));  // meet dO's zero pad rows
         }
         // dV += P^T dO (the packed rows of dO start at query q0: pair q0 / 2)
-        gemm_packed<scalar_t>(N, D, Mp, Pt, B, st.g_pack.data() + q0 * kPackN, Lp * kPackN, st.dv.data() + k0 * D,
+        gemm_packed<scalar_t>(Nm, D, Mk, Pt, B, st.g_pack.data() + q0 * kPackN, Lp * kPackN, st.dv.data() + k0 * D,
                               D, true);
-        gemm_packed<scalar_t>(N, M, D, vrows + k0 * sv.t, sv.t, gt_pack, D * kPackN, dP, B, false);  // dP^T = V dO^T
+        gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, B, false, true);  // dP^T = V dO^T
         for (int64_t r = 0; r < N; ++r) {  // dS^T, rounded for dK and dQ
           softmax_grad_to_lp<scalar_t>(S + r * B, dP + r * B, M, st.delta.data() + q0, dSt + r * B);
-          if (Mp != M) dSt[r * B + M] = 0;
+          std::memset(dSt + r * B + M, 0, (Mk - M) * sizeof(uint16_t));
         }
-        gemm_packed<scalar_t>(N, D, Mp, dSt, B, st.q_pack.data() + q0 * kPackN, Lp * kPackN, st.dk.data() + k0 * D,
+        gemm_packed<scalar_t>(Nm, D, Mk, dSt, B, st.q_pack.data() + q0 * kPackN, Lp * kPackN, st.dk.data() + k0 * D,
                               D, true);  // dK += dS^T Q
-        pack_b_rows(dSt, B, N, M, st.ds_pack.data(), B * kPackN);
-        gemm_packed<scalar_t>(D, M, Np, st.kt.data() + k0, Lp, st.ds_pack.data(), B * kPackN, st.dqt.data() + q0, L,
-                              true);  // dQ^T += K^T dS^T
+        pack_b_rows(dSt, B, N, M, st.ds_pack.data(), B * kPackN, Nk);
+        gemm_packed<scalar_t>(D, M, Nk, st.kt.data() + k0 * D, B, st.ds_pack.data(), B * kPackN,
+                              st.dqt.data() + q0 * D, B, true, true);  // dQ^T += K^T dS^T
       }
     }
     st.dq.resize(L * D);
     for (int64_t r = 0; r < L; ++r)
-      for (int64_t d = 0; d < D; ++d) st.dq[r * D + d] = st.dqt[d * L + r] * p.scale;
+      for (int64_t d = 0; d < D; ++d) st.dq[r * D + d] = st.dqt[(r / B) * D * B + d * B + r % B] * p.scale;
     scale_row(st.dk.data(), L * D, p.scale);
     store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
     store_rows(dkp, sdk, h, start, L, D, st.dk.data(), rope, start, P);

@@ -1,6 +1,7 @@
 """varlen_attention: every backend against the reference and against dense masked SDPA; fused RoPE
 against rope2d + attention; gradients; torch.compile; bad input; launch grids within CUDA limits."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -592,16 +593,26 @@ def cpu_gemm_path(request):
     reason = _backend.why_unavailable("cpp", "cpu")
     if reason:
         pytest.skip(reason=f"cpp on cpu: {reason}")
+    with dinofast.backend("cpp"), onednn(enabled=request.param != "fp32-gemms"):
+        yield request.param
+
+
+@contextlib.contextmanager
+def onednn(enabled: bool):
+    """torch.backends.mkldnn.flags(enabled=enabled), without torch's warning (on every use of flags())
+    that oneDNN TF32 needs an Intel GPU."""
     with warnings.catch_warnings():
-        # torch warns on every flags() use that oneDNN TF32 needs an Intel GPU: unrelated here
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        with dinofast.backend("cpp"), torch.backends.mkldnn.flags(enabled=request.param != "fp32-gemms"):
-            yield request.param
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            yield
 
 
-def cpu_rope_case(grids, D, dtype, seed, rope, requires_grad=False):
-    """q, k, v [T, 3, D] on the CPU for images `grids` with 5 prefix tokens; spec None without RoPE."""
+def cpu_rope_case(grids, D, dtype, seed, rope):
+    """q, k, v [T, 3, D] on the CPU for images `grids` with 5 prefix tokens; without RoPE (spec
+    None) an empty segment follows the first image."""
     lengths = [5 + h * w for h, w in grids]
+    if not rope:
+        lengths.insert(1, 0)
     q, k, v = (randn(sum(lengths), 3, D, dtype=dtype, device="cpu", seed=seed + i) for i in range(3))
     cu = make_cu_seqlens(lengths, device="cpu")
     spec = dinofast.RopeSpec(torch.tensor(grids, dtype=torch.int32), 5) if rope else None
@@ -614,7 +625,7 @@ def rotated(q, k, cu, spec):
     return rope2d_reference(q, k, spec.grids, num_prefix_tokens=spec.num_prefix_tokens, cu_seqlens=cu)
 
 
-CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False)]
+CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False), (256, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -689,8 +700,7 @@ def test_cpu_bf16_takes_the_low_precision_gemms():
     q, k, v, cu, spec, max_len = cpu_rope_case([(8, 9), (16, 20)], 64, torch.bfloat16, seed=70, rope=False)
     with dinofast.backend("cpp"):
         low = dinofast.varlen_attention(q, k, v, cu, max_len)
-        with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with onednn(enabled=False):
             assert not cpp_low_precision_gemms(torch.bfloat16)
             fp32 = dinofast.varlen_attention(q, k, v, cu, max_len)
     ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu)
