@@ -76,8 +76,11 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 
 // NaN passes through both clamps (each comparison is false for NaN) and comes out NaN: a NaN score
 // (NaN query or key, or inf - inf after an +Inf score) makes the row NaN, as in the reference.
+// Below -87 the result is exactly 0 (exp(-87) ~ 1.6e-38; fp32 exp is denormal or 0 there): a -inf
+// score gives P = 0, so 0 * inf in a later product is NaN as in the reference, not a tiny P * inf = inf.
 DF_FAST_MATH inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38: below it the result is 0 for softmax purposes
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = x - n * 0.693359375f;
@@ -93,7 +96,7 @@ DF_FAST_MATH inline float fast_exp(float x) {
   const int32_t bits = ((n == n ? static_cast<int32_t>(n) : 0) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(float));
-  return y * two_n;
+  return underflow ? 0.0f : y * two_n;
 }
 
 DF_MULTIVERSION float row_max(const float* s, int64_t n) {
