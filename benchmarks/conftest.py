@@ -55,7 +55,7 @@ def bench(benchmark):
     return run
 
 
-def interleaved(rows: dict, rounds: int, before=None, clock=time.perf_counter) -> dict:
+def interleaved(rows: dict, rounds: int, *, before=None, clock=time.perf_counter) -> dict:
     """Median seconds of each row of `rows` (name -> callable), timing one call of every row per
     round, round after round: a load spike on a shared machine hits every row alike, so the ratios
     between rows survive it. One untimed call per row first (compilation, caches). `before`, when

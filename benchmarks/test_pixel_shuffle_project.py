@@ -103,7 +103,7 @@ def test_pixel_shuffle_project(benchmark, shape, dtype):
     x, w, shuffled, grad_y, grid = inputs(D, out, s, res, B, dtype)
     benchmark.group = f"pixel_shuffle_project {mode} D={D} out={out} s={s} {res} B={B} {dtype}"
     rows = _rows(mode, x, w, shuffled, grad_y, grid, s, dtype)
-    medians = interleaved(rows, ROUNDS, time.thread_time if THREAD_CLOCK else time.perf_counter)
+    medians = interleaved(rows, ROUNDS, clock=time.thread_time if THREAD_CLOCK else time.perf_counter)
     floor, eager_s = medians["GEMM floor"], medians["eager reshape+Linear"]
     clock = "thread CPU time" if THREAD_CLOCK else "wall time"
     lines = [f"{benchmark.group}, {THREADS} threads, {ROUNDS} interleaved rounds, {clock}"]
