@@ -682,13 +682,19 @@ DF_AVX512 void softmax_grad_to_bf16_avx512(const float* p, const float* dp, int6
 template <typename scalar_t>
 constexpr bool kIsBf16 = std::is_same<scalar_t, at::BFloat16>::value;
 
+// `return call;` where bf16 rows take the fused AVX-512 pass (bf16 on a CPU that has it).
+#ifdef DF_HAVE_AVX512_PATH
+#define DF_BF16_AVX512_RETURN(scalar_t, call) \
+  if (kIsBf16<scalar_t> && cpu_has_avx512()) return call
+#else
+#define DF_BF16_AVX512_RETURN(scalar_t, call)
+#endif
+
 // P row of the forward: p = round(exp(s * scale - shift)) (s: dot products, clobbered); returns
 // the fp32 sum of the exps.
 template <typename scalar_t>
 float exp_sum_to_lp(float* s, int64_t n, float scale, float shift, uint16_t* p) {
-#ifdef DF_HAVE_AVX512_PATH
-  if (kIsBf16<scalar_t> && cpu_has_avx512()) return exp_sum_to_bf16_avx512(s, n, scale, shift, p);
-#endif
+  DF_BF16_AVX512_RETURN(scalar_t, exp_sum_to_bf16_avx512(s, n, scale, shift, p));
   scale_row(s, n, scale);
   const float sum = exp_shift_sum(s, n, shift);
   round_row<scalar_t>(s, p, n);
@@ -698,9 +704,7 @@ float exp_sum_to_lp(float* s, int64_t n, float scale, float shift, uint16_t* p) 
 // P^T row of the backward: s = exp(s * scale - lse) in fp32 (kept for dS), p = its rounding.
 template <typename scalar_t>
 void exp_scaled_minus_to_lp(float* s, int64_t n, float scale, const float* lse, uint16_t* p) {
-#ifdef DF_HAVE_AVX512_PATH
-  if (kIsBf16<scalar_t> && cpu_has_avx512()) return exp_scaled_minus_to_bf16_avx512(s, n, scale, lse, p);
-#endif
+  DF_BF16_AVX512_RETURN(scalar_t, exp_scaled_minus_to_bf16_avx512(s, n, scale, lse, p));
   exp_scaled_minus(s, n, scale, lse);
   round_row<scalar_t>(s, p, n);
 }
@@ -708,9 +712,7 @@ void exp_scaled_minus_to_lp(float* s, int64_t n, float scale, const float* lse, 
 // dS^T row of the backward: ds = round(p * (dp - delta)) (dp overwritten).
 template <typename scalar_t>
 void softmax_grad_to_lp(const float* p, float* dp, int64_t n, const float* delta, uint16_t* ds) {
-#ifdef DF_HAVE_AVX512_PATH
-  if (kIsBf16<scalar_t> && cpu_has_avx512()) return softmax_grad_to_bf16_avx512(p, dp, n, delta, ds);
-#endif
+  DF_BF16_AVX512_RETURN(scalar_t, softmax_grad_to_bf16_avx512(p, dp, n, delta, ds));
   softmax_grad_cols(p, dp, n, delta);
   round_row<scalar_t>(dp, ds, n);
 }
