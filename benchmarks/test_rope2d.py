@@ -134,7 +134,7 @@ def _rows(q, k, grid):
 @pytest.mark.parametrize("res", list(RESOLUTIONS))
 def test_rope2d(benchmark, res, B, layout, dtype, pages):
     if pages == "fresh" and MALLOC_TRIM is None:
-        pytest.skip("fresh pages need glibc's malloc_trim on CPU")
+        pytest.skip(reason="fresh pages need glibc's malloc_trim on CPU")
     q, k, grid = inputs(res, B, layout, dtype)
     benchmark.group = f"rope2d {res} B={B} {layout} {dtype} {pages}"
     faults, seconds = {}, {}

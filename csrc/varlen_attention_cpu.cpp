@@ -192,6 +192,16 @@ struct RopeInput {
   const float* transform = nullptr;
 };
 
+// A patch row (pos = its index among the segment's patches, >= 0) under RoPE: src [D] rotated into
+// fp32 tmp [D], returns true; prefix tokens and rows without RoPE: false, tmp untouched.
+template <typename scalar_t>
+bool rotated_row(const scalar_t* src, int64_t D, const RopeTables* rope, int64_t pos, float* tmp) {
+  if (rope == nullptr || pos < 0) return false;
+  for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<float>(src[d]);
+  rope->rotate(tmp, pos, 1.f);
+  return true;
+}
+
 // Copies rows [row0, row0 + n) of head h of x into dst [n, D] fp32, times `mult`. With rope tables,
 // patch rows are rotated first and rounded to scalar_t, exactly what rope2d would have stored: the
 // fused op equals rope2d followed by attention in every dtype.
@@ -201,10 +211,7 @@ void pack_rows(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* src = x + (row0 + r) * st.t + h * st.h;
     float* out = dst + r * D;
-    const int64_t pos = row0 + r - seg_start - P;
-    if (rope != nullptr && pos >= 0) {
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(src[d]);
-      rope->rotate(out, pos, 1.f);
+    if (rotated_row(src, D, rope, row0 + r - seg_start - P, out)) {
       for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(static_cast<scalar_t>(out[d])) * mult;
     } else {
       for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(src[d]) * mult;
@@ -725,10 +732,7 @@ void rows_lp(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n, 
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* src = x + (row0 + r) * st.t + h * st.h;
     uint16_t* out = dst + r * D;
-    const int64_t pos = row0 + r - seg_start - P;
-    if (rope != nullptr && pos >= 0) {
-      for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<float>(src[d]);
-      rope->rotate(tmp, pos, 1.f);
+    if (rotated_row(src, D, rope, row0 + r - seg_start - P, tmp)) {
       round_row<scalar_t>(tmp, out, D);
     } else {
       std::memcpy(out, src, D * sizeof(uint16_t));
@@ -739,6 +743,23 @@ void rows_lp(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n, 
 template <typename scalar_t>
 const uint16_t* head_rows(const scalar_t* x, Strides st, int64_t h, int64_t row0) {
   return reinterpret_cast<const uint16_t*>(x + row0 * st.t + h * st.h);
+}
+
+// Rows [row0, row0 + n) of head h as a gemm's A operand: read in place (ld = the T stride), or, when
+// `copy`, gathered into buf [n_alloc, D] (ld = D): patch rows RoPE-rotated, rows [n, n_alloc) zero.
+template <typename scalar_t>
+const uint16_t* gemm_rows(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n, int64_t n_alloc,
+                          int64_t D, bool copy, const RopeTables* rope, int64_t seg_start, int64_t P,
+                          std::vector<uint16_t>& buf, float* tmp, int64_t& ld) {
+  if (!copy) {
+    ld = st.t;
+    return head_rows(x, st, h, row0);
+  }
+  buf.resize(n_alloc * D);
+  rows_lp(x, st, h, row0, n, D, buf.data(), rope, seg_start, P, tmp);
+  std::fill(buf.begin() + n * D, buf.begin() + n_alloc * D, uint16_t(0));
+  ld = D;
+  return buf.data();
 }
 
 // Per-thread state of the low-precision kernels; gives back the AMX tile state the brgemms set up
@@ -778,26 +799,16 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     st.l.assign(R, 0.f);
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
     // Q (A operand) is read in place unless RoPE rotates it or its last tile needs zero pad rows
-    const uint16_t* qrows = head_rows(qp, sq, h, task.row0);
-    int64_t ldq = sq.t;
-    if (rope != nullptr || Rp != R) {
-      st.q.assign(Rp * D, 0);
-      rows_lp(qp, sq, h, task.row0, R, D, st.q.data(), rope, start, P, st.tmp.data());
-      qrows = st.q.data();
-      ldq = D;
-    }
+    int64_t ldq;
+    const uint16_t* qrows = gemm_rows(qp, sq, h, task.row0, R, Rp, D, rope != nullptr || Rp != R, rope, start, P,
+                                      st.q, st.tmp.data(), ldq);
     float* S = st.s.data();
     uint16_t* Pm = st.p.data();
     for (int64_t k0 = start; k0 < end; k0 += kBlockK) {
       const int64_t N = std::min(kBlockK, end - k0), Np = round_up(N, kPadK);
-      const uint16_t* krows = head_rows(kp, sk, h, k0);
-      int64_t ldk = sk.t;
-      if (rope != nullptr) {
-        st.k.resize(kBlockK * D);
-        rows_lp(kp, sk, h, k0, N, D, st.k.data(), rope, start, P, st.tmp.data());
-        krows = st.k.data();
-        ldk = D;
-      }
+      int64_t ldk;
+      const uint16_t* krows =
+          gemm_rows(kp, sk, h, k0, N, N, D, rope != nullptr, rope, start, P, st.k, st.tmp.data(), ldk);
       pack_b_transposed(krows, ldk, N, D, st.kpack.data());                            // K^T
       pack_b_rows(head_rows(vp, sv, h, k0), sv.t, N, D, st.vpack.data(), Np * kPackN, Np);  // V
       for (int64_t b0 = 0; b0 < R; b0 += kBlockQ) {  // each query tile against this K/V tile
@@ -857,15 +868,10 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     st.tmp.resize(D);
     RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
     // K and V (A operands) copied with zero pad rows; Q (RoPE) rotated; dO read in place
-    const uint16_t* qrows = head_rows(qp, sq, h, start);
+    int64_t ldq;
+    const uint16_t* qrows =
+        gemm_rows(qp, sq, h, start, L, L, D, rope != nullptr, rope, start, P, st.q, st.tmp.data(), ldq);
     const uint16_t* grows = head_rows(gp, sg, h, start);
-    int64_t ldq = sq.t;
-    if (rope != nullptr) {
-      st.q.resize(L * D);
-      rows_lp(qp, sq, h, start, L, D, st.q.data(), rope, start, P, st.tmp.data());
-      qrows = st.q.data();
-      ldq = D;
-    }
     st.k.assign(Lp * D, 0);
     st.v.assign(Lp * D, 0);
     rows_lp(kp, sk, h, start, L, D, st.k.data(), rope, start, P, st.tmp.data());
