@@ -37,6 +37,14 @@ constexpr int64_t kBlockK = 512;   // forward key tile
 constexpr int64_t kMaxBlocksPerTask = 16;
 constexpr int64_t kBlockBwd = 256; // backward query and key tiles
 
+// Row stride of a tile n elements wide: one cache line past n. With a power-of-two stride (512 fp32
+// scores = 2 KB) the rows of a gemm's C or A tile all fall in a few L1 sets and evict each other:
+// brgemm M=256 N=64 K=64 writing into rows 2 KB apart ran at 470 GFLOP/s, 2,112 B apart at 820.
+template <typename T>
+constexpr int64_t padded_ld(int64_t n) { return n + 64 / int64_t(sizeof(T)); }
+constexpr int64_t kLdS = padded_ld<float>(kBlockK);       // forward scores
+constexpr int64_t kLdSBwd = padded_ld<float>(kBlockBwd);  // backward scores, dP, dQ^T
+
 // ------------------------------------------------------------------------------------------------
 // gemm on row-major fp32 tiles through ATen (MKL/oneDNN pick the ISA at run time).
 // C[m, n] = alpha * op(A) op(B) + beta * C; op(X) = X or X^T, given by its [rows, cols] strides.
@@ -374,7 +382,7 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
   run_tasks<FwdState>(tasks, [&](const Task& task, FwdState& st) {
     const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, R = task.rows;
     st.q.resize(R * D); st.k.resize(kBlockK * D); st.v.resize(kBlockK * D);
-    st.s.resize(kBlockQ * kBlockK); st.o.assign(R * D, 0.f);
+    st.s.resize(kBlockQ * kLdS); st.o.assign(R * D, 0.f);
     st.m.assign(R, -std::numeric_limits<float>::infinity()); st.l.assign(R, 0.f);
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
     // the scale multiplies the finished dot products (as the reference's SDPA does), not Q: a huge
@@ -405,16 +413,16 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
-        gemm(false, true, M, N, D, p.scale, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kBlockK);  // S = scale Q K^T
+        gemm(false, true, M, N, D, p.scale, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kLdS);  // S = scale Q K^T
         for (int64_t r = 0; r < M; ++r) {  // online softmax
-          float* srow = S + r * kBlockK;
+          float* srow = S + r * kLdS;
           const float m_new = std::max(m[r], row_max(srow, N));
           const float alpha = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
           l[r] = l[r] * alpha + exp_shift_sum(srow, N, m_new);
           if (alpha != 1.f) scale_row(o + r * D, D, alpha);
           m[r] = m_new;
         }
-        gemm(false, false, M, D, N, 1.f, S, kBlockK, vt, ldv, 1.f, o, D);  // O += P V
+        gemm(false, false, M, D, N, 1.f, S, kLdS, vt, ldv, 1.f, o, D);  // O += P V
       }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -449,7 +457,7 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
     const int64_t start = task.row0, L = task.rows, h = task.head, P = p.num_prefix_tokens;
     for (auto* buf : {&st.q, &st.k, &st.v, &st.dout, &st.dk, &st.dv}) buf->resize(L * D);
     st.dq.assign(L * D, 0.f);
-    st.delta.resize(L); st.s.resize(B * B); st.dp.resize(B * B);
+    st.delta.resize(L); st.s.resize(B * kLdSBwd); st.dp.resize(B * kLdSBwd);
     RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
     pack_rows(qp, sq, h, start, L, D, st.q.data(), 1.f, rope, start, P);
     pack_rows(kp, sk, h, start, L, D, st.k.data(), 1.f, rope, start, P);
@@ -474,13 +482,13 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
         const int64_t M = std::min(B, L - q0);
         const float* qt = st.q.data() + q0 * D;
         const float* gt = st.dout.data() + q0 * D;
-        gemm(false, true, M, N, D, p.scale, qt, D, kt, D, 0.f, S, B);  // S = scale Q K^T
-        for (int64_t r = 0; r < M; ++r) exp_shift_sum(S + r * B, N, lse_row[q0 + r]);  // P
-        gemm(true, false, N, D, M, 1.f, S, B, gt, D, q0 == 0 ? 0.f : 1.f, dvt, D);   // dV += P^T dO
-        gemm(false, true, M, N, D, 1.f, gt, D, vt, D, 0.f, dP, B);                    // dP = dO V^T
-        for (int64_t r = 0; r < M; ++r) softmax_grad_row(S + r * B, dP + r * B, N, st.delta[q0 + r]);
-        gemm(true, false, N, D, M, p.scale, dP, B, qt, D, q0 == 0 ? 0.f : 1.f, dkt, D);  // dK += dS^T Q
-        gemm(false, false, M, D, N, p.scale, dP, B, kt, D, 1.f, st.dq.data() + q0 * D, D);  // dQ += dS K
+        gemm(false, true, M, N, D, p.scale, qt, D, kt, D, 0.f, S, kLdSBwd);  // S = scale Q K^T
+        for (int64_t r = 0; r < M; ++r) exp_shift_sum(S + r * kLdSBwd, N, lse_row[q0 + r]);  // P
+        gemm(true, false, N, D, M, 1.f, S, kLdSBwd, gt, D, q0 == 0 ? 0.f : 1.f, dvt, D);  // dV += P^T dO
+        gemm(false, true, M, N, D, 1.f, gt, D, vt, D, 0.f, dP, kLdSBwd);              // dP = dO V^T
+        for (int64_t r = 0; r < M; ++r) softmax_grad_row(S + r * kLdSBwd, dP + r * kLdSBwd, N, st.delta[q0 + r]);
+        gemm(true, false, N, D, M, p.scale, dP, kLdSBwd, qt, D, q0 == 0 ? 0.f : 1.f, dkt, D);  // dK += dS^T Q
+        gemm(false, false, M, D, N, p.scale, dP, kLdSBwd, kt, D, 1.f, st.dq.data() + q0 * D, D);  // dQ += dS K
       }
     }
     store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
@@ -496,6 +504,8 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
 // patterns (uint16_t) while they are moved around, and typed only at the brgemm call.
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t kPackN = 64;  // columns per packed B block (oneDNN's packed-B ld is at most 64)
+constexpr int64_t kLdP = padded_ld<uint16_t>(kBlockK);       // forward P rows
+constexpr int64_t kLdPBwd = padded_ld<uint16_t>(kBlockBwd);  // backward P^T, dS^T, K^T rows
 
 // The low-precision gemms serve dtype t when oneDNN has packed-B kernels for it (could_pack is false
 // with oneDNN disabled by the user, so torch.backends.mkldnn.flags(enabled=False) selects fp32).
@@ -511,25 +521,66 @@ constexpr int64_t kPadM = 32, kPadK = 64;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DF_HAVE_AVX512_PATH 1
+#include <immintrin.h>
+#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// The k pairs of one packed B block (see pack_b_rows): out[2j] = r0[j], out[2j + 1] = r1[j] (0 past
+// row K) for j < nc, zero up to 64 columns; 32 columns per vpermt2w, masked loads for the tails.
+DF_AVX512 void pack_block_avx512(const uint16_t* rows, int64_t ld, int64_t K, int64_t nc, uint16_t* blk) {
+  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  __mmask32 masks[2];
+  for (int64_t h = 0; h < 2; ++h) {
+    const int64_t rem = std::max<int64_t>(0, std::min<int64_t>(32, nc - 32 * h));
+    masks[h] = rem == 32 ? ~__mmask32(0) : __mmask32((1u << rem) - 1u);
+  }
+  for (int64_t kp = 0; 2 * kp < K; ++kp) {
+    const uint16_t* r0 = rows + 2 * kp * ld;
+    uint16_t* out = blk + kp * 2 * kPackN;
+    for (int64_t h = 0; h < 2; ++h) {
+      const __m512i a = _mm512_maskz_loadu_epi16(masks[h], r0 + 32 * h);
+      const __m512i b = 2 * kp + 1 < K ? _mm512_maskz_loadu_epi16(masks[h], r0 + ld + 32 * h) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + 64 * h, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(out + 64 * h + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+#endif
+
 // Packed B from rows [K, n_cols] (row stride ld): block c holds columns [64c, 64c + 64) as
 // [k_pad/2, 64, 2] (k_pad >= K, even), blocks block_stride apart. Rows [K, k_pad) and columns past
 // n_cols are zero, so they add nothing whatever the other operand holds there.
+void pack_block(const uint16_t* rows, int64_t ld, int64_t K, int64_t nc, uint16_t* blk) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (cpu_has_avx512()) return pack_block_avx512(rows, ld, K, nc, blk);
+#endif
+  for (int64_t kp = 0; 2 * kp < K; ++kp) {
+    const uint16_t* r0 = rows + 2 * kp * ld;
+    const uint16_t* r1 = 2 * kp + 1 < K ? r0 + ld : nullptr;
+    uint16_t* out = blk + kp * 2 * kPackN;
+    for (int64_t j = 0; j < nc; ++j) {
+      out[2 * j] = r0[j];
+      out[2 * j + 1] = r1 != nullptr ? r1[j] : uint16_t(0);
+    }
+    std::memset(out + 2 * nc, 0, (kPackN - nc) * 2 * sizeof(uint16_t));
+  }
+}
+
 void pack_b_rows(const uint16_t* rows, int64_t ld, int64_t K, int64_t n_cols, uint16_t* dst, int64_t block_stride,
                  int64_t k_pad) {
   const int64_t pairs = (K + 1) / 2;
   for (int64_t c0 = 0; c0 < n_cols; c0 += kPackN) {
-    const int64_t nc = std::min(kPackN, n_cols - c0);
     uint16_t* blk = dst + (c0 / kPackN) * block_stride;
-    for (int64_t kp = 0; kp < pairs; ++kp) {
-      const uint16_t* r0 = rows + 2 * kp * ld + c0;
-      const uint16_t* r1 = 2 * kp + 1 < K ? r0 + ld : nullptr;
-      uint16_t* out = blk + kp * 2 * kPackN;
-      for (int64_t j = 0; j < nc; ++j) {
-        out[2 * j] = r0[j];
-        out[2 * j + 1] = r1 != nullptr ? r1[j] : uint16_t(0);
-      }
-      std::memset(out + 2 * nc, 0, (kPackN - nc) * 2 * sizeof(uint16_t));
-    }
+    pack_block(rows + c0, ld, K, std::min(kPackN, n_cols - c0), blk);
     std::memset(blk + pairs * 2 * kPackN, 0, (k_pad / 2 - pairs) * 2 * kPackN * sizeof(uint16_t));
   }
 }
@@ -604,16 +655,7 @@ DF_MULTIVERSION void softmax_grad_cols(const float* p, float* dp, int64_t n, con
 // once and writes the dtype's operand for the next gemm. AVX-512 versions (exp by 2^n scaling with
 // vscalefps, rounding by vcvtneps2bf16) where the CPU has them (every CPU with AMX does); the
 // portable loops otherwise.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DF_HAVE_AVX512_PATH 1
-#include <immintrin.h>
-#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+#ifdef DF_HAVE_AVX512_PATH
 
 // exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 in one fma, e^r by a degree-5 polynomial
 // fitted for relative error on |r| <= ln(2)/2: within 4e-7 of exp where exp(x) > 1e-30 (a few fp32
@@ -791,8 +833,8 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     st.tmp.resize(D);
     st.kpack.resize(kBlockK * D);
     st.vpack.resize(n_dblocks * kBlockK * kPackN);
-    st.p.resize(kBlockQ * kBlockK);
-    st.s.resize(kBlockQ * kBlockK);
+    st.p.resize(kBlockQ * kLdP);
+    st.s.resize(kBlockQ * kLdS);
     const int64_t Rp = round_up(R, kPadM);  // the gemms run on Rp rows; rows >= R are dropped
     st.o.assign(Rp * D, 0.f);
     st.m.assign(R, -std::numeric_limits<float>::infinity());
@@ -816,19 +858,19 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
-        gemm_packed<scalar_t>(Mp, N, D, qrows + b0 * ldq, ldq, st.kpack.data(), D * kPackN, S, kBlockK, false,
+        gemm_packed<scalar_t>(Mp, N, D, qrows + b0 * ldq, ldq, st.kpack.data(), D * kPackN, S, kLdS, false,
                               true);
         for (int64_t r = 0; r < M; ++r) {  // online softmax; P rounded to scalar_t for the P V gemm
-          float* srow = S + r * kBlockK;
+          float* srow = S + r * kLdS;
           // max of the scores = scale * (max of the dots): rounding is monotone and scale > 0
           const float m_new = std::max(m[r], row_max(srow, N) * p.scale);
           const float alpha = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + exp_sum_to_lp<scalar_t>(srow, N, p.scale, m_new, Pm + r * kBlockK);
+          l[r] = l[r] * alpha + exp_sum_to_lp<scalar_t>(srow, N, p.scale, m_new, Pm + r * kLdP);
           if (alpha != 1.f) scale_row(o + r * D, D, alpha);
           m[r] = m_new;
-          std::memset(Pm + r * kBlockK + N, 0, (Np - N) * sizeof(uint16_t));  // meet V's zero pad rows
+          std::memset(Pm + r * kLdP + N, 0, (Np - N) * sizeof(uint16_t));  // meet V's zero pad rows
         }
-        gemm_packed<scalar_t>(Mp, D, Np, Pm, kBlockK, st.vpack.data(), Np * kPackN, o, D, true);  // O += P V
+        gemm_packed<scalar_t>(Mp, D, Np, Pm, kLdP, st.vpack.data(), Np * kPackN, o, D, true);  // O += P V
       }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -888,9 +930,9 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     pack_b_rows(grows, sg.t, L, D, st.g_pack.data(), Lp * kPackN, Lp);
     // K^T and the dQ^T accumulator in [tile][D][B] blocks: fixed leading dims whatever L is
     const int64_t n_tiles = (L + B - 1) / B;
-    st.kt.assign(n_tiles * D * B, 0);
+    st.kt.assign(n_tiles * D * kLdPBwd, 0);
     for (int64_t r = 0; r < L; ++r)
-      for (int64_t d = 0; d < D; ++d) st.kt[(r / B) * D * B + d * B + r % B] = krows[r * D + d];
+      for (int64_t d = 0; d < D; ++d) st.kt[(r / B) * D * kLdPBwd + d * kLdPBwd + r % B] = krows[r * D + d];
     st.delta.resize(L);
     for (int64_t r = 0; r < L; ++r) {  // delta = rowsum(dO * O), from the stored (rounded) O
       const scalar_t* orow = op + (start + r) * so.t + h * so.h;
@@ -899,13 +941,13 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
       for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(grow[d]) * static_cast<float>(orow[d]);
       st.delta[r] = acc;
     }
-    st.dqt.assign(n_tiles * D * B, 0.f);
+    st.dqt.assign(n_tiles * D * kLdSBwd, 0.f);
     st.dk.assign(Lp * D, 0.f);
     st.dv.assign(Lp * D, 0.f);
-    st.s.resize(B * B);
-    st.dp.resize(B * B);
-    st.pt.resize(B * B);
-    st.dst.resize(B * B);
+    st.s.resize(B * kLdSBwd);
+    st.dp.resize(B * kLdSBwd);
+    st.pt.resize(B * kLdPBwd);
+    st.dst.resize(B * kLdPBwd);
     st.ds_pack.resize((B / kPackN) * B * kPackN);
     const float* lse_row = lp + h * p.T + start;
     float *S = st.s.data(), *dP = st.dp.data();
@@ -916,29 +958,29 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
         const int64_t M = std::min(B, L - q0), Mk = round_up(M, kPadK);
         const uint16_t* qt_pack = st.qt_pack.data() + (q0 / kPackN) * D * kPackN;
         const uint16_t* gt_pack = st.gt_pack.data() + (q0 / kPackN) * D * kPackN;
-        gemm_packed<scalar_t>(Nm, M, D, krows + k0 * D, D, qt_pack, D * kPackN, S, B, false, true);  // S^T = K Q^T
+        gemm_packed<scalar_t>(Nm, M, D, krows + k0 * D, D, qt_pack, D * kPackN, S, kLdSBwd, false, true);  // S^T = K Q^T
         for (int64_t r = 0; r < N; ++r) {  // P^T, rounded for dV
-          exp_scaled_minus_to_lp<scalar_t>(S + r * B, M, p.scale, lse_row + q0, Pt + r * B);
-          std::memset(Pt + r * B + M, 0, (Mk - M) * sizeof(uint16_t));  // meet dO's zero pad rows
+          exp_scaled_minus_to_lp<scalar_t>(S + r * kLdSBwd, M, p.scale, lse_row + q0, Pt + r * kLdPBwd);
+          std::memset(Pt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));  // meet dO's zero pad rows
         }
         // dV += P^T dO (the packed rows of dO start at query q0: pair q0 / 2)
-        gemm_packed<scalar_t>(Nm, D, Mk, Pt, B, st.g_pack.data() + q0 * kPackN, Lp * kPackN, st.dv.data() + k0 * D,
+        gemm_packed<scalar_t>(Nm, D, Mk, Pt, kLdPBwd, st.g_pack.data() + q0 * kPackN, Lp * kPackN, st.dv.data() + k0 * D,
                               D, true);
-        gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, B, false, true);  // dP^T = V dO^T
+        gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, kLdSBwd, false, true);  // dP^T = V dO^T
         for (int64_t r = 0; r < N; ++r) {  // dS^T, rounded for dK and dQ
-          softmax_grad_to_lp<scalar_t>(S + r * B, dP + r * B, M, st.delta.data() + q0, dSt + r * B);
-          std::memset(dSt + r * B + M, 0, (Mk - M) * sizeof(uint16_t));
+          softmax_grad_to_lp<scalar_t>(S + r * kLdSBwd, dP + r * kLdSBwd, M, st.delta.data() + q0, dSt + r * kLdPBwd);
+          std::memset(dSt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));
         }
-        gemm_packed<scalar_t>(Nm, D, Mk, dSt, B, st.q_pack.data() + q0 * kPackN, Lp * kPackN, st.dk.data() + k0 * D,
+        gemm_packed<scalar_t>(Nm, D, Mk, dSt, kLdPBwd, st.q_pack.data() + q0 * kPackN, Lp * kPackN, st.dk.data() + k0 * D,
                               D, true);  // dK += dS^T Q
-        pack_b_rows(dSt, B, N, M, st.ds_pack.data(), B * kPackN, Nk);
-        gemm_packed<scalar_t>(D, M, Nk, st.kt.data() + k0 * D, B, st.ds_pack.data(), B * kPackN,
-                              st.dqt.data() + q0 * D, B, true, true);  // dQ^T += K^T dS^T
+        pack_b_rows(dSt, kLdPBwd, N, M, st.ds_pack.data(), B * kPackN, Nk);
+        gemm_packed<scalar_t>(D, M, Nk, st.kt.data() + (k0 / B) * D * kLdPBwd, kLdPBwd, st.ds_pack.data(), B * kPackN,
+                              st.dqt.data() + (q0 / B) * D * kLdSBwd, kLdSBwd, true, true);  // dQ^T += K^T dS^T
       }
     }
     st.dq.resize(L * D);
     for (int64_t r = 0; r < L; ++r)
-      for (int64_t d = 0; d < D; ++d) st.dq[r * D + d] = st.dqt[(r / B) * D * B + d * B + r % B] * p.scale;
+      for (int64_t d = 0; d < D; ++d) st.dq[r * D + d] = st.dqt[(r / B) * D * kLdSBwd + d * kLdSBwd + r % B] * p.scale;
     scale_row(st.dk.data(), L * D, p.scale);
     store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
     store_rows(dkp, sdk, h, start, L, D, st.dk.data(), rope, start, P);
