@@ -18,6 +18,9 @@
 // disabled (torch.backends.mkldnn.flags(enabled=False)), fp16/bf16 are converted to fp32 as above.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -107,11 +110,48 @@ DF_FAST_MATH inline float fast_exp(float x) {
   return underflow ? 0.0f : y * two_n;
 }
 
-DF_MULTIVERSION float row_max(const float* s, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DF_HAVE_AVX512_PATH 1
+#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// Four independent vmaxps chains: the compiler's single chain waits out the instruction's latency
+// every 16 floats. A NaN may or may not win the max; the row's exps are NaN either way.
+DF_AVX512 float row_max_avx512(const float* s, int64_t n) {
+  const __m512 lo = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = lo, m1 = lo, m2 = lo, m3 = lo;
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + j + 32));
+    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + j + 48));
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+    m0 = _mm512_mask_max_ps(m0, k, m0, _mm512_maskz_loadu_ps(k, s + j));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+}
+#endif
+
+DF_MULTIVERSION float row_max_portable(const float* s, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
   return m;
+}
+
+float row_max(const float* s, int64_t n) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (cpu_has_avx512()) return row_max_avx512(s, n);
+#endif
+  return row_max_portable(s, n);
 }
 
 // s[j] = exp(s[j] - shift); returns the sum.
@@ -521,16 +561,7 @@ constexpr int64_t kPadM = 32, kPadK = 64;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DF_HAVE_AVX512_PATH 1
-#include <immintrin.h>
-#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+#ifdef DF_HAVE_AVX512_PATH
 
 // The k pairs of one packed B block (see pack_b_rows): out[2j] = r0[j], out[2j + 1] = r1[j] (0 past
 // row K) for j < nc, zero up to 64 columns; 32 columns per vpermt2w, masked loads for the tails.
@@ -931,13 +962,17 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     // K^T and the dQ^T accumulator in [tile][D][B] blocks: fixed leading dims whatever L is
     const int64_t n_tiles = (L + B - 1) / B;
     st.kt.assign(n_tiles * D * kLdPBwd, 0);
-    for (int64_t r = 0; r < L; ++r)
-      for (int64_t d = 0; d < D; ++d) st.kt[(r / B) * D * kLdPBwd + d * kLdPBwd + r % B] = krows[r * D + d];
+    for (int64_t t0 = 0; t0 < L; t0 += B)  // each tile's K^T row by row: contiguous stores
+      for (int64_t d = 0; d < D; ++d) {
+        uint16_t* ktrow = st.kt.data() + (t0 / B) * D * kLdPBwd + d * kLdPBwd;
+        for (int64_t r = t0; r < std::min(L, t0 + B); ++r) ktrow[r - t0] = krows[r * D + d];
+      }
     st.delta.resize(L);
     for (int64_t r = 0; r < L; ++r) {  // delta = rowsum(dO * O), from the stored (rounded) O
       const scalar_t* orow = op + (start + r) * so.t + h * so.h;
       const scalar_t* grow = gp + (start + r) * sg.t + h * sg.h;
       float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
       for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(grow[d]) * static_cast<float>(orow[d]);
       st.delta[r] = acc;
     }
@@ -979,8 +1014,11 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
       }
     }
     st.dq.resize(L * D);
-    for (int64_t r = 0; r < L; ++r)
-      for (int64_t d = 0; d < D; ++d) st.dq[r * D + d] = st.dqt[(r / B) * D * kLdSBwd + d * kLdSBwd + r % B] * p.scale;
+    for (int64_t t0 = 0; t0 < L; t0 += B)
+      for (int64_t d = 0; d < D; ++d) {
+        const float* dqrow = st.dqt.data() + (t0 / B) * D * kLdSBwd + d * kLdSBwd;
+        for (int64_t r = t0; r < std::min(L, t0 + B); ++r) st.dq[r * D + d] = dqrow[r - t0] * p.scale;
+      }
     scale_row(st.dk.data(), L * D, p.scale);
     store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
     store_rows(dkp, sdk, h, start, L, D, st.dk.data(), rope, start, P);
