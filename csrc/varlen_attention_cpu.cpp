@@ -19,13 +19,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -843,9 +847,199 @@ struct LowPrecisionState {
   std::vector<float> tmp;
 };
 
+
+// ------------------------------------------------------------------------------------------------
+// bf16 forward on AMX tiles directly, where the CPU has AMX-BF16 and D is a multiple of 32: per 16
+// queries and 64 keys, S = Q K^T in four 16x16 fp32 tiles, the online softmax on them with AVX-512,
+// then O += P V in tiles (O in memory, four 16-column tiles at a time). The next block's S products
+// are issued before this block's softmax, so the AMX unit works while the vector units compute
+// exps: a brgemm call returns only when its products are done, so the two could not overlap.
+// DINOFAST_CPU_ISA=avx512 (or lower) turns it off (tests run both forwards).
+// ------------------------------------------------------------------------------------------------
+#ifdef DF_HAVE_AVX512_PATH
+#define DF_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_amx_bf16() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!cpu_has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
+    // Linux hands out the tile register state on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+bool use_amx_forward(int64_t D) {
+  const char* cap = std::getenv("DINOFAST_CPU_ISA");
+  return D % 32 == 0 && cap == nullptr && cpu_has_amx_bf16();
+}
+
+// Every tile 16 rows of 64 bytes: tiles 0-3 accumulate (S or O), 4 and 7 hold A, 5 and 6 hold B.
+// A and B alternate between two tiles: a load into a tile waits until the product reading it is
+// done, so one B tile would serialise every load behind the previous product.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+constexpr int64_t kAmxRows = 16, kAmxKeys = 64, kAmxChunk = 64;
+
+// Accumulator tile j += tile a (A) x B loaded into tile t from b (row stride 256 B: the packed-B
+// layout); tile j stored to its 16 columns of c. Macros: the tile intrinsics take literal registers.
+#define DF_AMX_MADD(j, a, t, b)         \
+  do {                                  \
+    _tile_loadd(t, (b), 4 * kPackN);    \
+    _tile_dpbf16ps(j, a, t);            \
+  } while (0)
+#define DF_AMX_STORE(j, c, ldc_bytes) _tile_stored(j, (c) + 16 * j, (ldc_bytes))
+
+// S [16][64] (fp32) = the 16 queries at q (row stride ldq) against the 64 keys of packed K^T block kblk.
+DF_AMX inline void amx_scores(const uint16_t* q, int64_t ldq, const uint16_t* kblk, int64_t D, float* s) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t t = 0; t < D / 32; t += 2) {  // 32 dims (16 pairs) per product, A in tiles 4 and 7
+    _tile_loadd(4, q + 32 * t, ldq * 2);
+    const uint16_t* b = kblk + 16 * t * 2 * kPackN;
+    DF_AMX_MADD(0, 4, 5, b);
+    DF_AMX_MADD(1, 4, 6, b + 32);
+    DF_AMX_MADD(2, 4, 5, b + 64);
+    DF_AMX_MADD(3, 4, 6, b + 96);
+    if (t + 1 == D / 32) break;
+    _tile_loadd(7, q + 32 * (t + 1), ldq * 2);
+    b += 16 * 2 * kPackN;
+    DF_AMX_MADD(0, 7, 5, b);
+    DF_AMX_MADD(1, 7, 6, b + 32);
+    DF_AMX_MADD(2, 7, 5, b + 64);
+    DF_AMX_MADD(3, 7, 6, b + 96);
+  }
+  DF_AMX_STORE(0, s, 4 * kAmxKeys);
+  DF_AMX_STORE(1, s, 4 * kAmxKeys);
+  DF_AMX_STORE(2, s, 4 * kAmxKeys);
+  DF_AMX_STORE(3, s, 4 * kAmxKeys);
+}
+
+// O [16][D] += P [16][64] (bf16) V, V's 64 rows starting at pair kp0 of the packed-V blocks.
+DF_AMX inline void amx_accumulate(const uint16_t* p, const uint16_t* vpack, int64_t v_block_stride, int64_t kp0,
+                                  int64_t D, float* o) {
+  for (int64_t c0 = 0; c0 < D; c0 += kPackN) {
+    const int64_t tiles = std::min<int64_t>(4, (D - c0) / 16);
+    float* oc = o + c0;
+    _tile_loadd(0, oc, D * 4);
+    if (tiles > 1) _tile_loadd(1, oc + 16, D * 4);
+    if (tiles > 2) _tile_loadd(2, oc + 32, D * 4);
+    if (tiles > 3) _tile_loadd(3, oc + 48, D * 4);
+    static_assert(kAmxKeys == 64, "P V: two products of 32 keys, A in tiles 4 and 7");
+    const uint16_t* b = vpack + (c0 / kPackN) * v_block_stride + kp0 * 2 * kPackN;
+    _tile_loadd(4, p, 2 * kAmxKeys);
+    DF_AMX_MADD(0, 4, 5, b);
+    if (tiles > 1) DF_AMX_MADD(1, 4, 6, b + 32);
+    if (tiles > 2) DF_AMX_MADD(2, 4, 5, b + 64);
+    if (tiles > 3) DF_AMX_MADD(3, 4, 6, b + 96);
+    _tile_loadd(7, p + 32, 2 * kAmxKeys);
+    b += 16 * 2 * kPackN;
+    DF_AMX_MADD(0, 7, 5, b);
+    if (tiles > 1) DF_AMX_MADD(1, 7, 6, b + 32);
+    if (tiles > 2) DF_AMX_MADD(2, 7, 5, b + 64);
+    if (tiles > 3) DF_AMX_MADD(3, 7, 6, b + 96);
+    DF_AMX_STORE(0, oc, D * 4);
+    if (tiles > 1) DF_AMX_STORE(1, oc, D * 4);
+    if (tiles > 2) DF_AMX_STORE(2, oc, D * 4);
+    if (tiles > 3) DF_AMX_STORE(3, oc, D * 4);
+  }
+}
+
+// The online softmax of one 16 x 64 block of dot products s (n_keys valid columns), rows < n_rows:
+// p = bf16(exp(scale s - m)), and the fp32 exps summed into the row's 16 lanes of l16 (reduced once,
+// at the end: no horizontal sum per block). The shift m moves only when a score passes it by more
+// than 8 (so p <= e^8, far from bf16's range limits); then the row of O and of l16 are rescaled.
+// Most blocks only compare. Rows past n_rows get p = 0.
+DF_AMX void softmax_block_avx512(const float* s, int64_t n_rows, int64_t n_keys, float scale, float* m, float* l16,
+                                 float* o, int64_t D, uint16_t* p) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  __mmask16 valid[4];
+  for (int i = 0; i < 4; ++i) valid[i] = tail_mask(std::max<int64_t>(0, n_keys - 16 * i));
+  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-kInf);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    __m512 y[4];
+    for (int i = 0; i < 4; ++i) y[i] = mul_rounded(_mm512_mask_loadu_ps(ninf, valid[i], s + r * kAmxKeys + 16 * i), sc);
+    const __m512 limit = _mm512_set1_ps(m[r] + 8.f);
+    const __mmask16 over = _mm512_cmp_ps_mask(y[0], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[1], limit, _CMP_GT_OQ) |
+                           _mm512_cmp_ps_mask(y[2], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[3], limit, _CMP_GT_OQ);
+    float* l = l16 + 16 * r;
+    if (over != 0 || m[r] == -kInf) {  // NaN scores compare false: they stay NaN through the exps
+      const float mb = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(y[0], y[1]), _mm512_max_ps(y[2], y[3])));
+      const float alpha = m[r] == -kInf ? 0.f : std::exp(m[r] - mb);
+      scale_row(l, 16, alpha);
+      scale_row(o + r * D, D, alpha);
+      m[r] = mb;
+    }
+    const __m512 sh = _mm512_set1_ps(m[r]);
+    __m512 sum = _mm512_loadu_ps(l);
+    for (int i = 0; i < 4; ++i) {
+      const __m512 e = _mm512_maskz_mov_ps(valid[i], exp16(_mm512_sub_ps(y[i], sh)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + r * kAmxKeys + 16 * i), to_bf16x16(e));
+    }
+    _mm512_storeu_ps(l, sum);
+  }
+  for (int64_t r = n_rows; r < kAmxRows; ++r) std::memset(p + r * kAmxKeys, 0, kAmxKeys * sizeof(uint16_t));
+}
+
+// One query tile (M rows at q, row stride ldq; rows up to M rounded to 16 readable, zero past M)
+// against one key tile of N keys, K^T and V packed as for gemm_packed: updates O [M][D] (fp32, rows
+// up to M rounded to 16 writable), the shifts m and the sums l16 (16 lanes per row). s_buf: 2 x 16 x
+// 64 floats; p_buf: 16 x 64 bf16.
+DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uint16_t* kpack,
+                            const uint16_t* vpack, int64_t v_block_stride, int64_t N, int64_t D, float scale,
+                            float* o, float* m, float* l16, float* s_buf, uint16_t* p_buf) {
+  const int64_t n_blocks = (N + kAmxKeys - 1) / kAmxKeys;
+  // 64 queries at a time; within them, key blocks outside and groups of 16 queries inside: a block's
+  // K^T and V tiles (16 KB at D 64) serve 4 groups, and the 64 rows of O (16 KB) stay in L1.
+  for (int64_t c0 = 0; c0 < M; c0 += kAmxChunk) {
+    const int64_t n_groups = (std::min(kAmxChunk, M - c0) + kAmxRows - 1) / kAmxRows;
+    for (int64_t kb = 0; kb < n_blocks; ++kb) {
+      const uint16_t* kblk = kpack + kb * D * kPackN;
+      const int64_t n_keys = std::min(kAmxKeys, N - kb * kAmxKeys);
+      amx_scores(q + c0 * ldq, ldq, kblk, D, s_buf);
+      for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t g0 = c0 + g * kAmxRows;
+        // the next group's products first: the AMX unit runs them while the softmax below runs
+        if (g + 1 < n_groups)
+          amx_scores(q + (g0 + kAmxRows) * ldq, ldq, kblk, D, s_buf + ((g + 1) % 2) * kAmxRows * kAmxKeys);
+        softmax_block_avx512(s_buf + (g % 2) * kAmxRows * kAmxKeys, std::min(kAmxRows, M - g0), n_keys, scale,
+                             m + g0, l16 + 16 * g0, o + g0 * D, D, p_buf);
+        amx_accumulate(p_buf, vpack, v_block_stride, kb * kAmxKeys / 2, D, o + g0 * D);
+      }
+    }
+  }
+}
+
+// Sets this thread's tile configuration for attend_tile_amx. torch's brgemm remembers the kernel
+// whose configuration it loaded last: releasing it first makes its next call load its own again.
+DF_AMX void amx_begin() {
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  static const TileConfig cfg;
+  _tile_loadconfig(&cfg);
+}
+
+DF_AMX void amx_end() { _tile_release(); }
+#else
+bool use_amx_forward(int64_t) { return false; }
+#endif
+
 struct FwdLpState : LowPrecisionState {
   std::vector<uint16_t> q, k, kpack, vpack, p;
   std::vector<float> s, o, m, l;
+#ifdef DF_HAVE_AVX512_PATH
+  bool tiles = false;  // this thread's AMX tiles configured for attend_tile_amx
+  ~FwdLpState() {
+    if (tiles) amx_end();
+  }
+#endif
 };
 
 template <typename scalar_t>
@@ -859,8 +1053,15 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const Strides sq = t.sq, sk = t.sk, sv = t.sv, so = t.so;
   const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
   std::vector<Task> tasks = forward_tasks(p, segs);
+  const bool amx = kIsBf16<scalar_t> && use_amx_forward(D);
   run_tasks<FwdLpState>(tasks, [&](const Task& task, FwdLpState& st) {
     const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, R = task.rows;
+#ifdef DF_HAVE_AVX512_PATH
+    if (amx && !st.tiles) {
+      amx_begin();
+      st.tiles = true;
+    }
+#endif
     st.tmp.resize(D);
     st.kpack.resize(kBlockK * D);
     st.vpack.resize(n_dblocks * kBlockK * kPackN);
@@ -869,7 +1070,7 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     const int64_t Rp = round_up(R, kPadM);  // the gemms run on Rp rows; rows >= R are dropped
     st.o.assign(Rp * D, 0.f);
     st.m.assign(R, -std::numeric_limits<float>::infinity());
-    st.l.assign(R, 0.f);
+    st.l.assign(amx ? 16 * R : R, 0.f);  // the AMX forward sums each row in 16 lanes
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
     // Q (A operand) is read in place unless RoPE rotates it or its last tile needs zero pad rows
     int64_t ldq;
@@ -889,6 +1090,13 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
+#ifdef DF_HAVE_AVX512_PATH
+        if (amx) {
+          attend_tile_amx(qrows + b0 * ldq, ldq, M, st.kpack.data(), st.vpack.data(), Np * kPackN, N, D, p.scale, o,
+                          m, st.l.data() + 16 * b0, S, Pm);
+          continue;
+        }
+#endif
         gemm_packed<scalar_t>(Mp, N, D, qrows + b0 * ldq, ldq, st.kpack.data(), D * kPackN, S, kLdS, false,
                               true);
         for (int64_t r = 0; r < M; ++r) {  // online softmax; P rounded to scalar_t for the P V gemm
@@ -905,8 +1113,9 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       }
     }
     for (int64_t r = 0; r < R; ++r) {
-      scale_row(st.o.data() + r * D, D, 1.f / st.l[r]);
-      lp[h * p.T + task.row0 + r] = st.m[r] + std::log(st.l[r]);
+      const float l = amx ? std::accumulate(st.l.begin() + 16 * r, st.l.begin() + 16 * r + 16, 0.f) : st.l[r];
+      scale_row(st.o.data() + r * D, D, 1.f / l);
+      lp[h * p.T + task.row0 + r] = st.m[r] + std::log(l);
     }
     store_rows(op, so, h, task.row0, R, D, st.o.data(), nullptr, start, 0);
   });
