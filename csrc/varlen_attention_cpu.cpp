@@ -957,36 +957,137 @@ DF_AMX inline void amx_accumulate(const uint16_t* p, const uint16_t* vpack, int6
 // at the end: no horizontal sum per block). The shift m moves only when a score passes it by more
 // than 8 (so p <= e^8, far from bf16's range limits); then the row of O and of l16 are rescaled.
 // Most blocks only compare. Rows past n_rows get p = 0.
+DF_AMX inline void softmax_row_avx512(const float* srow, const __mmask16* valid, float scale, float& m, float* l,
+                                      float* orow, int64_t D, uint16_t* prow) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-kInf);
+  __m512 y[4];
+  for (int i = 0; i < 4; ++i) y[i] = mul_rounded(_mm512_mask_loadu_ps(ninf, valid[i], srow + 16 * i), sc);
+  const __m512 limit = _mm512_set1_ps(m + 8.f);
+  const __mmask16 over = _mm512_cmp_ps_mask(y[0], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[1], limit, _CMP_GT_OQ) |
+                         _mm512_cmp_ps_mask(y[2], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[3], limit, _CMP_GT_OQ);
+  if (over != 0 || m == -kInf) {  // NaN scores compare false: they stay NaN through the exps
+    const float mb = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(y[0], y[1]), _mm512_max_ps(y[2], y[3])));
+    const float alpha = m == -kInf ? 0.f : std::exp(m - mb);
+    scale_row(l, 16, alpha);
+    scale_row(orow, D, alpha);
+    m = mb;
+  }
+  const __m512 sh = _mm512_set1_ps(m);
+  __m512 sum = _mm512_loadu_ps(l);
+  for (int i = 0; i < 4; ++i) {
+    const __m512 e = _mm512_maskz_mov_ps(valid[i], exp16(_mm512_sub_ps(y[i], sh)));
+    sum = _mm512_add_ps(sum, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + 16 * i), to_bf16x16(e));
+  }
+  _mm512_storeu_ps(l, sum);
+}
+
+DF_AMX inline void key_masks(int64_t n_keys, __mmask16* valid) {
+  for (int i = 0; i < 4; ++i) valid[i] = tail_mask(std::max<int64_t>(0, n_keys - 16 * i));
+}
+
 DF_AMX void softmax_block_avx512(const float* s, int64_t n_rows, int64_t n_keys, float scale, float* m, float* l16,
                                  float* o, int64_t D, uint16_t* p) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   __mmask16 valid[4];
-  for (int i = 0; i < 4; ++i) valid[i] = tail_mask(std::max<int64_t>(0, n_keys - 16 * i));
-  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-kInf);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    __m512 y[4];
-    for (int i = 0; i < 4; ++i) y[i] = mul_rounded(_mm512_mask_loadu_ps(ninf, valid[i], s + r * kAmxKeys + 16 * i), sc);
-    const __m512 limit = _mm512_set1_ps(m[r] + 8.f);
-    const __mmask16 over = _mm512_cmp_ps_mask(y[0], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[1], limit, _CMP_GT_OQ) |
-                           _mm512_cmp_ps_mask(y[2], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[3], limit, _CMP_GT_OQ);
-    float* l = l16 + 16 * r;
-    if (over != 0 || m[r] == -kInf) {  // NaN scores compare false: they stay NaN through the exps
-      const float mb = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(y[0], y[1]), _mm512_max_ps(y[2], y[3])));
-      const float alpha = m[r] == -kInf ? 0.f : std::exp(m[r] - mb);
-      scale_row(l, 16, alpha);
-      scale_row(o + r * D, D, alpha);
-      m[r] = mb;
-    }
-    const __m512 sh = _mm512_set1_ps(m[r]);
-    __m512 sum = _mm512_loadu_ps(l);
-    for (int i = 0; i < 4; ++i) {
-      const __m512 e = _mm512_maskz_mov_ps(valid[i], exp16(_mm512_sub_ps(y[i], sh)));
-      sum = _mm512_add_ps(sum, e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + r * kAmxKeys + 16 * i), to_bf16x16(e));
-    }
-    _mm512_storeu_ps(l, sum);
-  }
+  key_masks(n_keys, valid);
+  for (int64_t r = 0; r < n_rows; ++r)
+    softmax_row_avx512(s + r * kAmxKeys, valid, scale, m[r], l16 + 16 * r, o + r * D, D, p + r * kAmxKeys);
   for (int64_t r = n_rows; r < kAmxRows; ++r) std::memset(p + r * kAmxKeys, 0, kAmxKeys * sizeof(uint16_t));
+}
+
+// D = 64: S = Q K^T and O += P V as steps of one or two tile instructions, so that they can be
+// spread between the rows of a softmax (the core keeps only a few hundred instructions in flight:
+// tile products issued in one run stall the vector work behind them once that window fills).
+constexpr int kScoreSteps = 11, kAccumulateSteps = 12;
+
+DF_AMX inline void amx_scores_step(int k, const uint16_t* q, int64_t ldq, const uint16_t* kblk, float* s) {
+  const uint16_t* b = kblk + (k >= 5 ? 16 * 2 * kPackN : 0);
+  switch (k) {
+    case 0: _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_loadd(4, q, ldq * 2); break;
+    case 1: DF_AMX_MADD(0, 4, 5, b); break;
+    case 2: DF_AMX_MADD(1, 4, 6, b + 32); break;
+    case 3: DF_AMX_MADD(2, 4, 5, b + 64); break;
+    case 4: DF_AMX_MADD(3, 4, 6, b + 96); _tile_loadd(7, q + 32, ldq * 2); break;
+    case 5: DF_AMX_MADD(0, 7, 5, b); break;
+    case 6: DF_AMX_MADD(1, 7, 6, b + 32); break;
+    case 7: DF_AMX_MADD(2, 7, 5, b + 64); break;
+    case 8: DF_AMX_MADD(3, 7, 6, b + 96); break;
+    case 9: DF_AMX_STORE(0, s, 4 * kAmxKeys); DF_AMX_STORE(1, s, 4 * kAmxKeys); break;
+    default: DF_AMX_STORE(2, s, 4 * kAmxKeys); DF_AMX_STORE(3, s, 4 * kAmxKeys); break;
+  }
+}
+
+// v: the packed V rows of this block's keys (pair kp0 of block 0).
+DF_AMX inline void amx_accumulate_step(int k, const uint16_t* p, const uint16_t* v, float* o) {
+  const uint16_t* b = v + (k >= 6 ? 16 * 2 * kPackN : 0);
+  switch (k) {
+    case 0: _tile_loadd(0, o, 4 * 64); _tile_loadd(1, o + 16, 4 * 64); break;
+    case 1: _tile_loadd(2, o + 32, 4 * 64); _tile_loadd(3, o + 48, 4 * 64); _tile_loadd(4, p, 2 * kAmxKeys); break;
+    case 2: DF_AMX_MADD(0, 4, 5, b); break;
+    case 3: DF_AMX_MADD(1, 4, 6, b + 32); break;
+    case 4: DF_AMX_MADD(2, 4, 5, b + 64); break;
+    case 5: DF_AMX_MADD(3, 4, 6, b + 96); _tile_loadd(7, p + 32, 2 * kAmxKeys); break;
+    case 6: DF_AMX_MADD(0, 7, 5, b); break;
+    case 7: DF_AMX_MADD(1, 7, 6, b + 32); break;
+    case 8: DF_AMX_MADD(2, 7, 5, b + 64); break;
+    case 9: DF_AMX_MADD(3, 7, 6, b + 96); break;
+    case 10: DF_AMX_STORE(0, o, 4 * 64); DF_AMX_STORE(1, o, 4 * 64); break;
+    default: DF_AMX_STORE(2, o, 4 * 64); DF_AMX_STORE(3, o, 4 * 64); break;
+  }
+}
+
+// attend_tile_amx for D = 64, software-pipelined: the (key block, query group) items of 64 queries
+// run in sequence, and while item i's softmax runs row by row, item i+1's S and item i-1's P V are
+// issued between its rows. s_buf and p_buf hold two items each.
+DF_AMX void attend_tile_amx_d64(const uint16_t* q, int64_t ldq, int64_t M, const uint16_t* kpack,
+                                const uint16_t* vpack, int64_t N, float scale, float* o, float* m, float* l16,
+                                float* s_buf, uint16_t* p_buf) {
+  constexpr int64_t D = 64, kTile = kAmxRows * kAmxKeys;
+  const int64_t n_blocks = (N + kAmxKeys - 1) / kAmxKeys;
+  for (int64_t c0 = 0; c0 < M; c0 += kAmxChunk) {
+    const int64_t n_groups = (std::min(kAmxChunk, M - c0) + kAmxRows - 1) / kAmxRows, n_items = n_blocks * n_groups;
+    const auto g0_of = [&](int64_t i) { return c0 + (i % n_groups) * kAmxRows; };
+    const auto kblk_of = [&](int64_t i) { return kpack + (i / n_groups) * D * kPackN; };
+    const auto v_of = [&](int64_t i) { return vpack + (i / n_groups) * kAmxKeys / 2 * 2 * kPackN; };
+    for (int k = 0; k < kScoreSteps; ++k) amx_scores_step(k, q + g0_of(0) * ldq, ldq, kblk_of(0), s_buf);
+    for (int64_t i = 0; i < n_items; ++i) {
+      const int64_t g0 = g0_of(i), rows = std::min(kAmxRows, M - g0);
+      const float* s_cur = s_buf + (i % 2) * kTile;
+      uint16_t* p_cur = p_buf + (i % 2) * kTile;
+      __mmask16 valid[4];
+      key_masks(std::min(kAmxKeys, N - (i / n_groups) * kAmxKeys), valid);
+      const int64_t next = std::min(i + 1, n_items - 1), prev = std::max<int64_t>(i - 1, 0);
+      int ks = i + 1 < n_items ? 0 : kScoreSteps, ka = i > 0 ? 0 : kAccumulateSteps;  // steps left to issue
+      const uint16_t* q_next = q + g0_of(next) * ldq;
+      const uint16_t* kblk_next = kblk_of(next);
+      float* s_next = s_buf + (next % 2) * kTile;
+      const uint16_t* p_prev = p_buf + (prev % 2) * kTile;
+      const uint16_t* v_prev = v_of(prev);
+      float* o_prev = o + g0_of(prev) * D;
+      if (ka == 0 && n_groups == 1)  // item i-1 is this group's previous block: its O first, whole
+        for (; ka < kAccumulateSteps; ++ka) amx_accumulate_step(ka, p_prev, v_prev, o_prev);
+      const int total = (kScoreSteps - ks) + (kAccumulateSteps - ka);
+      int issued = 0;
+      for (int64_t r = 0; r < kAmxRows; ++r) {
+        if (r < rows)
+          softmax_row_avx512(s_cur + r * kAmxKeys, valid, scale, m[g0 + r], l16 + 16 * (g0 + r), o + (g0 + r) * D, D,
+                             p_cur + r * kAmxKeys);
+        else
+          std::memset(p_cur + r * kAmxKeys, 0, kAmxKeys * sizeof(uint16_t));
+        // S before P V: P V's O loads reuse the tiles S stores from
+        for (const int until = int(total * (r + 1) / kAmxRows); issued < until; ++issued) {
+          if (ks < kScoreSteps)
+            amx_scores_step(ks++, q_next, ldq, kblk_next, s_next);
+          else
+            amx_accumulate_step(ka++, p_prev, v_prev, o_prev);
+        }
+      }
+    }
+    const int64_t last = n_items - 1;
+    for (int k = 0; k < kAccumulateSteps; ++k)
+      amx_accumulate_step(k, p_buf + (last % 2) * kTile, v_of(last), o + g0_of(last) * D);
+  }
 }
 
 // One query tile (M rows at q, row stride ldq; rows up to M rounded to 16 readable, zero past M)
@@ -1091,6 +1192,11 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
 #ifdef DF_HAVE_AVX512_PATH
+        if (amx && D == 64) {
+          attend_tile_amx_d64(qrows + b0 * ldq, ldq, M, st.kpack.data(), st.vpack.data(), N, p.scale, o, m,
+                              st.l.data() + 16 * b0, S, Pm);
+          continue;
+        }
         if (amx) {
           attend_tile_amx(qrows + b0 * ldq, ldq, M, st.kpack.data(), st.vpack.data(), Np * kPackN, N, D, p.scale, o,
                           m, st.l.data() + 16 * b0, S, Pm);

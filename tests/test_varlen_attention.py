@@ -586,13 +586,18 @@ CPU_TILE_GRIDS = [(20, 30), (1, 1), (8, 9), (16, 32), (10, 25)]  # 605, 6, 77, 5
 CPU_TILE_GRIDS_BWD = [(14, 21), (1, 1), (8, 9), (12, 21)]  # 299, 6, 77, 257 tokens
 
 
-@pytest.fixture(params=["low-precision-gemms", "fp32-gemms"])
-def cpu_gemm_path(request):
-    """The cpp backend on CPU tensors; "fp32-gemms" with oneDNN disabled, which makes fp16/bf16
-    take the fp32 conversion path (the only one on CPUs without AMX)."""
+@pytest.fixture(params=["low-precision-gemms", "brgemm-forward", "fp32-gemms"])
+def cpu_gemm_path(request, monkeypatch):
+    """The cpp backend on CPU tensors. "low-precision-gemms": as it runs by default (with AMX, the
+    bf16 forward on AMX tiles of its own where D is a multiple of 32, brgemm elsewhere);
+    "brgemm-forward": DINOFAST_CPU_ISA=avx512, which leaves the bf16 forward to oneDNN's brgemm too;
+    "fp32-gemms": oneDNN disabled, which makes fp16/bf16 take the fp32 conversion path (the only
+    one on CPUs without AMX)."""
     reason = _backend.why_unavailable("cpp", "cpu")
     if reason:
         pytest.skip(reason=f"cpp on cpu: {reason}")
+    if request.param == "brgemm-forward":
+        monkeypatch.setenv("DINOFAST_CPU_ISA", "avx512")
     with dinofast.backend("cpp"), onednn(enabled=request.param != "fp32-gemms"):
         yield request.param
 
@@ -625,7 +630,8 @@ def rotated(q, k, cu, spec):
     return rope2d_reference(q, k, spec.grids, num_prefix_tokens=spec.num_prefix_tokens, cu_seqlens=cu)
 
 
-CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False), (256, False)]
+# D 64: the pipelined AMX forward; 32, 96, 128, 256: the general one; 72, 40: brgemm only
+CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False), (256, False), (96, False), (32, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -668,13 +674,14 @@ def test_cpu_low_precision_gradients_across_tiles(cpu_gemm_path, dtype, D, rope)
             assert_low_precision_close(g, w, b, dtype, gradients=True)
 
 
+@pytest.mark.parametrize("D", [16, 64])
 @pytest.mark.parametrize("case", NAN_CASES)
-def test_cpu_low_precision_nan_and_inf_propagate(cpu_gemm_path, case):
+def test_cpu_low_precision_nan_and_inf_propagate(cpu_gemm_path, case, D):
     """bf16 inputs: NaN exactly where the reference (fp32 on the bf16 values) has NaN, forward and
     backward; lse finite where the reference's is. softmax_scale=1e38 overflows some scores to +-inf:
     the product must be rounded before the row max is subtracted, as in the reference."""
     lengths = [5, 1, 70, 3]
-    q, k, v = (randn(sum(lengths), 2, 16, dtype=torch.bfloat16, device="cpu", seed=60 + i) for i in range(3))
+    q, k, v = (randn(sum(lengths), 2, D, dtype=torch.bfloat16, device="cpu", seed=60 + i) for i in range(3))
     cu = make_cu_seqlens(lengths, device="cpu")
     scale = poison(q, k, v, case)
     grad_out = randn(*q.shape, dtype=torch.bfloat16, device="cpu", seed=64)
@@ -705,3 +712,21 @@ def test_cpu_bf16_takes_the_low_precision_gemms():
     assert not torch.equal(low, fp32)
     assert_flash_rule(low, ref, torch_attention_same_dtype(q, k, v, cu))
     assert_close(fp32, ref, torch.bfloat16)
+
+
+def test_cpu_bf16_forward_on_amx_tiles(monkeypatch):
+    """Where the CPU has AMX, the bf16 forward (D a multiple of 32) runs on AMX tiles of its own by
+    default: its probabilities are rounded against a lazily moved row shift, so its result is not
+    the brgemm forward's (DINOFAST_CPU_ISA=avx512), and both meet flash-attention's rule."""
+    if _backend.why_unavailable("cpp", "cpu") or not cpp_low_precision_gemms(torch.bfloat16):
+        pytest.skip(reason="needs the cpp backend and a CPU with AMX-BF16 (oneDNN enabled)")
+    q, k, v, cu, spec, max_len = cpu_rope_case(CPU_TILE_GRIDS, 64, torch.bfloat16, seed=80, rope=False)
+    with dinofast.backend("cpp"):
+        tiles = dinofast.varlen_attention(q, k, v, cu, max_len)
+        monkeypatch.setenv("DINOFAST_CPU_ISA", "avx512")
+        brgemm = dinofast.varlen_attention(q, k, v, cu, max_len)
+    ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu)
+    assert not torch.equal(tiles, brgemm)
+    baseline = torch_attention_same_dtype(q, k, v, cu)
+    for out in (tiles, brgemm):
+        assert_flash_rule(out, ref, baseline)
