@@ -16,6 +16,7 @@ On CPU, test_varlen_attention_cpu_dtypes times bf16 against fp32 in one process,
 Medians and ratios are printed (-s) and stored in the benchmark's extra_info.
 """
 import functools
+import os
 import random
 import warnings
 
@@ -198,6 +199,13 @@ def test_varlen_attention_cpu_dtypes(benchmark, mode):
         with torch.backends.mkldnn.flags(enabled=False):
             return cpp(q, k, v)
 
+    def cpp_brgemm_forward(q, k, v):  # the bf16 forward on oneDNN's brgemm, not on AMX tiles of its own
+        os.environ["DINOFAST_CPU_ISA"] = "avx512"
+        try:
+            return cpp(q, k, v)
+        finally:
+            del os.environ["DINOFAST_CPU_ISA"]
+
     rows = {}
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         q, k, v, grad = (x.to(dtype) for x in (q32, k32, v32, g32))
@@ -205,6 +213,8 @@ def test_varlen_attention_cpu_dtypes(benchmark, mode):
         peers = {f"cpp {name}": cpp, f"sdpa-per-image {name}": sdpa_per_image(cu)}
         if dtype == torch.bfloat16:
             peers["cpp bf16 fp32-gemms"] = cpp_fp32_gemms
+            if "DINOFAST_CPU_ISA" not in os.environ:
+                peers["cpp bf16 brgemm-forward"] = cpp_brgemm_forward
         if not backward:
             peers[f"flex-attention {name}"] = flex_document_attention(cu)
         for row, fn in peers.items():

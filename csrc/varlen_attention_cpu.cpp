@@ -25,6 +25,7 @@
 #include <unistd.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -567,6 +568,43 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 #ifdef DF_HAVE_AVX512_PATH
 
+// r[c] = column c of the 16 x 16 matrix of 32-bit elements whose rows were r[0..15]: pairs of rows
+// interleaved (epi32), then quads (epi64), then the four 128-bit lanes gathered across vectors.
+DF_AVX512 inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int b = 0; b < 16; b += 4) {  // lane k of u[b + j]: column 4k + j, rows b..b+3
+    u[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+    u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+    u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+    u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
+// dst[c * ldd + i] = src[i * lds + c] for i < n_rows, c < n_cols (<= 16 each), 32-bit elements; with
+// full_rows, every dst row gets 16 elements (zeros past n_rows).
+DF_AVX512 void transpose_block_avx512(const uint32_t* src, int64_t lds, int64_t n_rows, int64_t n_cols, uint32_t* dst,
+                                      int64_t ldd, bool full_rows) {
+  const __mmask16 cols = n_cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n_cols) - 1u);
+  const __mmask16 rows = full_rows || n_rows >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n_rows) - 1u);
+  __m512i r[16];
+  for (int64_t i = 0; i < 16; ++i) r[i] = i < n_rows ? _mm512_maskz_loadu_epi32(cols, src + i * lds) : _mm512_setzero_si512();
+  transpose16x16_epi32(r);
+  for (int64_t c = 0; c < n_cols; ++c) _mm512_mask_storeu_epi32(dst + c * ldd, rows, r[c]);
+}
+
 // The k pairs of one packed B block (see pack_b_rows): out[2j] = r0[j], out[2j + 1] = r1[j] (0 past
 // row K) for j < nc, zero up to 64 columns; 32 columns per vpermt2w, masked loads for the tails.
 DF_AVX512 void pack_block_avx512(const uint16_t* rows, int64_t ld, int64_t K, int64_t nc, uint16_t* blk) {
@@ -627,6 +665,16 @@ void pack_b_transposed(const uint16_t* rows, int64_t ld, int64_t n_rows, int64_t
   for (int64_t j0 = 0; j0 < n_rows; j0 += kPackN) {
     const int64_t nr = std::min(kPackN, n_rows - j0);
     uint32_t* blk = reinterpret_cast<uint32_t*>(dst + (j0 / kPackN) * D * kPackN);
+#ifdef DF_HAVE_AVX512_PATH
+    if (cpu_has_avx512() && ld % 2 == 0) {  // the pairs of a row as 32-bit elements: a 32-bit transpose
+      for (int64_t n0 = 0; n0 < kPackN; n0 += 16)
+        for (int64_t kp0 = 0; kp0 < pairs; kp0 += 16)
+          transpose_block_avx512(reinterpret_cast<const uint32_t*>(rows + (j0 + n0) * ld) + kp0, ld / 2,
+                                 std::clamp<int64_t>(nr - n0, 0, 16), std::min<int64_t>(16, pairs - kp0),
+                                 blk + kp0 * kPackN + n0, kPackN, /*full_rows=*/true);
+      continue;
+    }
+#endif
     for (int64_t n = 0; n < nr; ++n) {
       const uint16_t* row = rows + (j0 + n) * ld;
       for (int64_t kp = 0; kp < pairs; ++kp) {
@@ -1227,6 +1275,26 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   });
 }
 
+// dQ [L][D] from the dQ^T tiles [tile][D][kLdSBwd] (kBlockBwd rows of dQ per tile).
+void transpose_tiles(const float* dqt, int64_t L, int64_t D, float* dq) {
+  for (int64_t t0 = 0; t0 < L; t0 += kBlockBwd) {
+    const float* tile = dqt + (t0 / kBlockBwd) * D * kLdSBwd;
+    const int64_t rows = std::min(kBlockBwd, L - t0);
+#ifdef DF_HAVE_AVX512_PATH
+    if (cpu_has_avx512()) {
+      for (int64_t d0 = 0; d0 < D; d0 += 16)
+        for (int64_t r0 = 0; r0 < rows; r0 += 16)
+          transpose_block_avx512(reinterpret_cast<const uint32_t*>(tile + d0 * kLdSBwd + r0), kLdSBwd,
+                                 std::min<int64_t>(16, D - d0), std::min<int64_t>(16, rows - r0),
+                                 reinterpret_cast<uint32_t*>(dq + (t0 + r0) * D + d0), D, /*full_rows=*/false);
+      continue;
+    }
+#endif
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < rows; ++r) dq[(t0 + r) * D + d] = tile[d * kLdSBwd + r];
+  }
+}
+
 struct BwdLpState : LowPrecisionState {
   std::vector<uint16_t> q, k, v, kt, qt_pack, gt_pack, g_pack, q_pack, pt, dst, ds_pack;
   std::vector<float> delta, dqt, dq, dk, dv, s, dp;
@@ -1329,11 +1397,8 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
       }
     }
     st.dq.resize(L * D);
-    for (int64_t t0 = 0; t0 < L; t0 += B)
-      for (int64_t d = 0; d < D; ++d) {
-        const float* dqrow = st.dqt.data() + (t0 / B) * D * kLdSBwd + d * kLdSBwd;
-        for (int64_t r = t0; r < std::min(L, t0 + B); ++r) st.dq[r * D + d] = dqrow[r - t0] * p.scale;
-      }
+    transpose_tiles(st.dqt.data(), L, D, st.dq.data());
+    scale_row(st.dq.data(), L * D, p.scale);
     scale_row(st.dk.data(), L * D, p.scale);
     store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
     store_rows(dkp, sdk, h, start, L, D, st.dk.data(), rope, start, P);
