@@ -2,6 +2,8 @@
 // CPU/CUDA kernels with TORCH_LIBRARY_IMPL. Python reaches them as torch.ops.dinofast_C.*.
 #include <torch/extension.h>
 
+#include "varlen_attention.h"
+
 TORCH_LIBRARY(dinofast_C, m) {
   // Writes rotated q, k (4-D [B, N, H, D] views, unit stride on D) into q_out, k_out, which may
   // alias them. Packed when cu_seqlens is given (B == 1, grids int32 [n, 2]); else grid (hp, wp).
@@ -34,6 +36,8 @@ TORCH_LIBRARY(dinofast_C, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("abi_version", [] { return DINOFAST_ABI_VERSION; }, "Op-schema version this _C was built with.");
   m.def("torch_version", [] { return std::string(DINOFAST_TORCH_VERSION); }, "torch it was built against.");
+  m.def("cpu_bf16_attention_on_amx", &dinofast::varlen::cpu_bf16_forward_on_amx, pybind11::arg("head_dim"),
+        "Whether the cpp varlen attention's bf16 forward runs on AMX tiles here.");
   m.def("with_cuda", [] {
 #ifdef DINOFAST_WITH_CUDA
     return true;

@@ -154,6 +154,10 @@ inline Problem check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const
                     lse, cu_seqlens, max_seqlen, softmax_scale, inv_freq, grids, coord_transform, num_prefix_tokens);
 }
 
+// Whether the CPU kernel's bf16 forward runs on AMX tiles of its own for head dim D (the CPU has
+// AMX-BF16, oneDNN is enabled, D is a multiple of 32, DINOFAST_CPU_ISA does not cap it).
+bool cpu_bf16_forward_on_amx(int64_t D);
+
 #ifdef DINOFAST_WITH_CUDA
 // Log-sum-exp layout conversions (varlen_attention_lse_cuda.cu) between the op's lse [H, T] and the
 // per-segment padded lse [n, H, L] of ATen's memory-efficient attention (row i of segment s at

@@ -1427,6 +1427,12 @@ RopeInput rope_input(const Problem& p, const c10::optional<at::Tensor>& inv_freq
   return ri;
 }
 
+}  // namespace
+
+bool cpu_bf16_forward_on_amx(int64_t D) { return use_low_precision_gemms(at::kBFloat16) && use_amx_forward(D); }
+
+namespace {
+
 void varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out,
                               at::Tensor lse, const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale,
                               const c10::optional<at::Tensor>& inv_freq, const c10::optional<at::Tensor>& grids,

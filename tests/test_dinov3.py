@@ -480,6 +480,22 @@ def _bf16_onednn_expected() -> bool:
     return DEVICE.type == "cpu" and torch.bfloat16 in D._onednn_dtypes()
 
 
+def _packed_calls(monkeypatch):
+    """A list that grows by one per attention that goes through varlen_attention."""
+    from dinofast.models import dinov3 as D
+
+    calls = []
+    real = D._attend_packed
+    monkeypatch.setattr(D, "_attend_packed", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _bf16_batched_on_amx_expected(head_dim=64) -> bool:
+    """Whether a batch of bf16 images attends through the cpp kernel here (its forward on AMX tiles)."""
+    probe = getattr(dinofast._C, "cpu_bf16_attention_on_amx", None) if hasattr(dinofast, "_C") else None
+    return DEVICE.type == "cpu" and probe is not None and probe(head_dim)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
 @pytest.mark.parametrize("size", [(224, 224), (768, 768)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_patched_bf16_within_flash_rule_of_transformers(gated, size, monkeypatch):
@@ -487,14 +503,43 @@ def test_patched_bf16_within_flash_rule_of_transformers(gated, size, monkeypatch
     most twice as far from the fp64 computation as transformers' own bf16 forward."""
     plain, patched, oracle = _bf16_models(gated=gated, layers=2)
     x = torch.stack(images([size], seed=21))
-    calls = _onednn_calls(monkeypatch)
+    calls, attended = _onednn_calls(monkeypatch), _packed_calls(monkeypatch)
     got = run(patched, x.bfloat16())
     assert len(calls) == (4 if _bf16_onednn_expected() else 0)
+    assert len(attended) == (2 if _bf16_batched_on_amx_expected() else 0)
     ref = run(oracle, x.double())
     base = run(plain, x.bfloat16())
     assert ref.last_hidden_state.abs().max() > 1.0
     assert_flash_rule(got.last_hidden_state, ref.last_hidden_state, base.last_hidden_state)
     assert_flash_rule(got.pooler_output, ref.pooler_output, base.pooler_output)
+
+
+def test_patched_bf16_gradients_on_amx_attention_within_flash_rule(monkeypatch):
+    """Training a patched bf16 model on a batch (train mode, no dropout): where attention goes through
+    the cpp kernel (AMX), the input gradient is at most twice as far from fp64's as transformers' bf16
+    one; DINOFAST_CPU_ISA=avx512 sends the same batch through SDPA, which must pass too."""
+    if not _bf16_batched_on_amx_expected():
+        pytest.skip(reason="needs a CPU where the cpp bf16 attention forward runs on AMX tiles")
+    plain, patched, oracle = _bf16_models(gated=False, layers=2)
+    for m in (plain, patched, oracle):
+        m.train()
+    x = torch.stack(images([(160, 192), (160, 192)], seed=23))
+
+    def input_grad(model, dtype):
+        xi = x.to(dtype).requires_grad_()
+        out = model(pixel_values=xi).last_hidden_state
+        out.backward(torch.ones_like(out))
+        return xi.grad
+
+    attended = _packed_calls(monkeypatch)
+    got = input_grad(patched, torch.bfloat16)
+    assert len(attended) == 2
+    monkeypatch.setenv("DINOFAST_CPU_ISA", "avx512")
+    via_sdpa = input_grad(patched, torch.bfloat16)
+    assert len(attended) == 2
+    ref, base = input_grad(oracle, torch.float64), input_grad(plain, torch.bfloat16)
+    assert_flash_rule(got, ref, base)
+    assert_flash_rule(via_sdpa, ref, base)
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["plain", "patched"])

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from dinofast import _validate as V
+from dinofast._backend import forced_backend, load_C, why_unavailable
 from dinofast._layout import PackedLayout, int32_on
 from dinofast.ops.rope2d import RopeSpec, rope2d, rope2d_
 from dinofast.ops.varlen_attention import varlen_attention
@@ -140,6 +141,30 @@ def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_pre
     else:  # q and k are views of a temporary: rotate them where they are
         rope2d_(q, k, (plan.hp, plan.wp), **rope)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+def _batched_on_amx(x: Tensor, head_dim: int, dropout_p: float) -> bool:
+    """Whether a batch of same-size images attends through varlen_attention (one segment per image)
+    instead of SDPA: bf16 on a CPU where the cpp kernel's forward runs on AMX tiles (1.2-1.7x torch's
+    bf16 SDPA from 224 to 1024 px, benchmarks/README.md), no dropout, no other backend forced.
+    Compiled and exported models keep SDPA: the probe and the backend choice are not traceable."""
+    if torch.compiler.is_compiling():  # first: the rest is not traceable
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or dropout_p != 0.0:
+        return False
+    if forced_backend() not in (None, "cpp") or why_unavailable("cpp", "cpu") is not None:
+        return False
+    probe = getattr(load_C(), "cpu_bf16_attention_on_amx", None)  # absent from an older build
+    return probe is not None and bool(probe(head_dim))
+
+
+def _packed_twin(plan: _BatchedPlan, batch: int, num_prefix_tokens: int, device: torch.device) -> _PackedPlan:
+    """The batch [B, N] as a packed sequence of B images of plan's grid (RoPE as in `plan`)."""
+    grids = [(plan.hp, plan.wp)] * batch
+    layout = PackedLayout.from_grids(grids, num_prefix_tokens)
+    transform = None if plan.coord_transform is None else plan.coord_transform.expand(batch, 4)
+    rope = RopeSpec(int32_on(grids, device), num_prefix_tokens, plan.theta, plan.periods, transform)
+    return _PackedPlan(int32_on(layout.cu_seqlens, device), layout.max_seqlen, rope, layout)
 
 
 def _attend_packed(q: Tensor, k: Tensor, v: Tensor, plan: _PackedPlan, scale: float) -> Tensor:
@@ -270,8 +295,13 @@ def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _Pac
         B, N = hidden_states.shape[:2]
         P = N - plan.hp * plan.wp  # CLS + registers, as transformers infers it
         dropout_p = attn.dropout if attn.training else 0.0
-        out = _attend_batched(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, P,
-                              attn.scaling, dropout_p).transpose(1, 2)
+        if _batched_on_amx(q, attn.head_dim, dropout_p):  # [B, N, H, D] views -> [B * N, H, D] views
+            twin = _packed_twin(plan, B, P, q.device)
+            out = _attend_packed(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), twin, attn.scaling)
+            out = out.unflatten(0, (B, N))
+        else:
+            out = _attend_batched(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, P,
+                                  attn.scaling, dropout_p).transpose(1, 2)
     return out.flatten(-2)
 
 
