@@ -788,25 +788,18 @@ DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, f
   return _mm512_reduce_add_ps(sum);
 }
 
-// s[j] = exp(s[j] * scale - lse[j]) in fp32, and p[j] = its bf16 rounding.
-DF_AVX512 void exp_scaled_minus_to_bf16_avx512(float* s, int64_t n, float scale, const float* lse, uint16_t* p) {
+// One key's row of the backward, both elementwise passes in one: e = exp(s * scale - lse) in fp32,
+// p = bf16(e), ds = bf16(e * (dp - delta)).
+DF_AVX512 void probs_and_grads_to_bf16_avx512(const float* s, const float* dp, int64_t n, float scale,
+                                              const float* lse, const float* delta, uint16_t* p, uint16_t* ds) {
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
     const __m512 x = mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc);
     const __m512 e = exp16(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, lse + j)));
-    _mm512_mask_storeu_ps(s + j, m, e);
     _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
-  }
-}
-
-// ds[j] = bf16(p[j] * (dp[j] - delta[j])).
-DF_AVX512 void softmax_grad_to_bf16_avx512(const float* p, const float* dp, int64_t n, const float* delta,
-                                           uint16_t* ds) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = tail_mask(n - j);
     const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + j), _mm512_maskz_loadu_ps(m, delta + j));
-    _mm256_mask_storeu_epi16(ds + j, m, to_bf16x16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), g)));
+    _mm256_mask_storeu_epi16(ds + j, m, to_bf16x16(_mm512_mul_ps(e, g)));
   }
 }
 #endif
@@ -833,19 +826,15 @@ float exp_sum_to_lp(float* s, int64_t n, float scale, float shift, uint16_t* p) 
   return sum;
 }
 
-// P^T row of the backward: s = exp(s * scale - lse) in fp32 (kept for dS), p = its rounding.
+// One key's rows of P^T and dS^T in the backward: p = round(exp(s * scale - lse)), ds = round(that
+// fp32 exp * (dp - delta)) (s and dp clobbered).
 template <typename scalar_t>
-void exp_scaled_minus_to_lp(float* s, int64_t n, float scale, const float* lse, uint16_t* p) {
-  DF_BF16_AVX512_RETURN(scalar_t, exp_scaled_minus_to_bf16_avx512(s, n, scale, lse, p));
+void probs_and_grads_to_lp(float* s, float* dp, int64_t n, float scale, const float* lse, const float* delta,
+                           uint16_t* p, uint16_t* ds) {
+  DF_BF16_AVX512_RETURN(scalar_t, probs_and_grads_to_bf16_avx512(s, dp, n, scale, lse, delta, p, ds));
   exp_scaled_minus(s, n, scale, lse);
   round_row<scalar_t>(s, p, n);
-}
-
-// dS^T row of the backward: ds = round(p * (dp - delta)) (dp overwritten).
-template <typename scalar_t>
-void softmax_grad_to_lp(const float* p, float* dp, int64_t n, const float* delta, uint16_t* ds) {
-  DF_BF16_AVX512_RETURN(scalar_t, softmax_grad_to_bf16_avx512(p, dp, n, delta, ds));
-  softmax_grad_cols(p, dp, n, delta);
+  softmax_grad_cols(s, dp, n, delta);
   round_row<scalar_t>(dp, ds, n);
 }
 
@@ -1377,18 +1366,16 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
         const uint16_t* qt_pack = st.qt_pack.data() + (q0 / kPackN) * D * kPackN;
         const uint16_t* gt_pack = st.gt_pack.data() + (q0 / kPackN) * D * kPackN;
         gemm_packed<scalar_t>(Nm, M, D, krows + k0 * D, D, qt_pack, D * kPackN, S, kLdSBwd, false, true);  // S^T = K Q^T
-        for (int64_t r = 0; r < N; ++r) {  // P^T, rounded for dV
-          exp_scaled_minus_to_lp<scalar_t>(S + r * kLdSBwd, M, p.scale, lse_row + q0, Pt + r * kLdPBwd);
-          std::memset(Pt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));  // meet dO's zero pad rows
-        }
-        // dV += P^T dO (the packed rows of dO start at query q0: pair q0 / 2)
-        gemm_packed<scalar_t>(Nm, D, Mk, Pt, kLdPBwd, st.g_pack.data() + q0 * kPackN, Lp * kPackN, st.dv.data() + k0 * D,
-                              D, true);
         gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, kLdSBwd, false, true);  // dP^T = V dO^T
-        for (int64_t r = 0; r < N; ++r) {  // dS^T, rounded for dK and dQ
-          softmax_grad_to_lp<scalar_t>(S + r * kLdSBwd, dP + r * kLdSBwd, M, st.delta.data() + q0, dSt + r * kLdPBwd);
+        for (int64_t r = 0; r < N; ++r) {  // P^T for dV and dS^T for dK, dQ, rounded; zero where dO and Q pad
+          probs_and_grads_to_lp<scalar_t>(S + r * kLdSBwd, dP + r * kLdSBwd, M, p.scale, lse_row + q0,
+                                          st.delta.data() + q0, Pt + r * kLdPBwd, dSt + r * kLdPBwd);
+          std::memset(Pt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));
           std::memset(dSt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));
         }
+        // dV += P^T dO (the packed rows of dO start at query q0: pair q0 / 2)
+        gemm_packed<scalar_t>(Nm, D, Mk, Pt, kLdPBwd, st.g_pack.data() + q0 * kPackN, Lp * kPackN,
+                              st.dv.data() + k0 * D, D, true);
         gemm_packed<scalar_t>(Nm, D, Mk, dSt, kLdPBwd, st.q_pack.data() + q0 * kPackN, Lp * kPackN, st.dk.data() + k0 * D,
                               D, true);  // dK += dS^T Q
         pack_b_rows(dSt, kLdPBwd, N, M, st.ds_pack.data(), B * kPackN, Nk);
