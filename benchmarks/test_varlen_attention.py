@@ -199,7 +199,7 @@ def test_varlen_attention_cpu_dtypes(benchmark, mode):
         with torch.backends.mkldnn.flags(enabled=False):
             return cpp(q, k, v)
 
-    def cpp_brgemm_forward(q, k, v):  # the bf16 forward on oneDNN's brgemm, not on AMX tiles of its own
+    def cpp_brgemm_only(q, k, v):  # every bf16 gemm on oneDNN's brgemm, none on AMX tiles of its own
         os.environ["DINOFAST_CPU_ISA"] = "avx512"
         try:
             return cpp(q, k, v)
@@ -214,7 +214,7 @@ def test_varlen_attention_cpu_dtypes(benchmark, mode):
         if dtype == torch.bfloat16:
             peers["cpp bf16 fp32-gemms"] = cpp_fp32_gemms
             if "DINOFAST_CPU_ISA" not in os.environ:
-                peers["cpp bf16 brgemm-forward"] = cpp_brgemm_forward
+                peers["cpp bf16 brgemm-only"] = cpp_brgemm_only
         if not backward:
             peers[f"flex-attention {name}"] = flex_document_attention(cu)
         for row, fn in peers.items():

@@ -891,7 +891,8 @@ struct LowPrecisionState {
 // then O += P V in tiles (O in memory, four 16-column tiles at a time). The next block's S products
 // are issued before this block's softmax, so the AMX unit works while the vector units compute
 // exps: a brgemm call returns only when its products are done, so the two could not overlap.
-// DINOFAST_CPU_ISA=avx512 (or lower) turns it off (tests run both forwards).
+// The backward's S^T and dP^T (D = 64) run the same way. DINOFAST_CPU_ISA=avx512 (or lower) turns
+// both off (tests run both ways).
 // ------------------------------------------------------------------------------------------------
 #ifdef DF_HAVE_AVX512_PATH
 #define DF_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -907,7 +908,7 @@ bool cpu_has_amx_bf16() {
   return ok;
 }
 
-bool use_amx_forward(int64_t D) {
+bool use_amx_tiles(int64_t D) {
   const char* cap = std::getenv("DINOFAST_CPU_ISA");
   return D % 32 == 0 && cap == nullptr && cpu_has_amx_bf16();
 }
@@ -1156,6 +1157,48 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
   }
 }
 
+// Backward, D = 64: the rows of P^T and dS^T (bf16, row stride ld_out) of N keys against M
+// queries. S^T = K Q^T and dP^T = V dO^T run in tiles, 16 keys x 64 queries at a time (K, V: rows
+// of 64, zero past N up to a multiple of 16; Q^T, dO^T packed by pack_b_transposed), and the next
+// block's products are issued between the rows of this block's elementwise pass, as in the
+// forward. s_buf: 4 x 16 x 64 floats (S^T and dP^T of two blocks).
+DF_AMX inline void bwd_scores_step(int k, const uint16_t* k_rows, const uint16_t* v_rows, const uint16_t* qt_blk,
+                                   const uint16_t* gt_blk, float* s) {
+  if (k < kScoreSteps)
+    amx_scores_step(k, k_rows, 64, qt_blk, s);
+  else
+    amx_scores_step(k - kScoreSteps, v_rows, 64, gt_blk, s + kAmxRows * kAmxKeys);
+}
+
+DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_t N, const uint16_t* qt_pack,
+                                    const uint16_t* gt_pack, int64_t M, float scale, const float* lse,
+                                    const float* delta, float* s_buf, uint16_t* pt, uint16_t* dst, int64_t ld_out) {
+  constexpr int64_t D = 64, kTile = kAmxRows * kAmxKeys;
+  // item i: key group i % n_groups of query block i / n_groups (a block's Q^T, dO^T tiles stay in L1)
+  const int64_t n_groups = (N + kAmxRows - 1) / kAmxRows, n_items = n_groups * ((M + kAmxKeys - 1) / kAmxKeys);
+  const auto rows_of = [&](const uint16_t* x, int64_t i) { return x + (i % n_groups) * kAmxRows * D; };
+  const auto block_of = [&](const uint16_t* pack, int64_t i) { return pack + (i / n_groups) * D * kPackN; };
+  for (int step = 0; step < 2 * kScoreSteps; ++step)
+    bwd_scores_step(step, rows_of(k, 0), rows_of(v, 0), block_of(qt_pack, 0), block_of(gt_pack, 0), s_buf);
+  for (int64_t i = 0; i < n_items; ++i) {
+    const int64_t g0 = (i % n_groups) * kAmxRows, c0 = (i / n_groups) * kAmxKeys;
+    const int64_t rows = std::min(kAmxRows, N - g0), cols = std::min(kAmxKeys, M - c0);
+    const float* s = s_buf + (i % 2) * 2 * kTile;
+    const int64_t next = std::min(i + 1, n_items - 1);
+    const uint16_t *k_next = rows_of(k, next), *v_next = rows_of(v, next);
+    const uint16_t *qt_next = block_of(qt_pack, next), *gt_next = block_of(gt_pack, next);
+    float* s_next = s_buf + (next % 2) * 2 * kTile;
+    const int total = i + 1 < n_items ? 2 * kScoreSteps : 0;
+    int issued = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      probs_and_grads_to_bf16_avx512(s + r * kAmxKeys, s + kTile + r * kAmxKeys, cols, scale, lse + c0, delta + c0,
+                                     pt + (g0 + r) * ld_out + c0, dst + (g0 + r) * ld_out + c0);
+      for (const int until = int(total * (r + 1) / rows); issued < until; ++issued)
+        bwd_scores_step(issued, k_next, v_next, qt_next, gt_next, s_next);
+    }
+  }
+}
+
 // Sets this thread's tile configuration for attend_tile_amx. torch's brgemm remembers the kernel
 // whose configuration it loaded last: releasing it first makes its next call load its own again.
 DF_AMX void amx_begin() {
@@ -1166,7 +1209,7 @@ DF_AMX void amx_begin() {
 
 DF_AMX void amx_end() { _tile_release(); }
 #else
-bool use_amx_forward(int64_t) { return false; }
+bool use_amx_tiles(int64_t) { return false; }
 #endif
 
 struct FwdLpState : LowPrecisionState {
@@ -1191,7 +1234,7 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const Strides sq = t.sq, sk = t.sk, sv = t.sv, so = t.so;
   const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
   std::vector<Task> tasks = forward_tasks(p, segs);
-  const bool amx = kIsBf16<scalar_t> && use_amx_forward(D);
+  const bool amx = kIsBf16<scalar_t> && use_amx_tiles(D);
   run_tasks<FwdLpState>(tasks, [&](const Task& task, FwdLpState& st) {
     const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, R = task.rows;
 #ifdef DF_HAVE_AVX512_PATH
@@ -1286,7 +1329,7 @@ void transpose_tiles(const float* dqt, int64_t L, int64_t D, float* dq) {
 
 struct BwdLpState : LowPrecisionState {
   std::vector<uint16_t> q, k, v, kt, qt_pack, gt_pack, g_pack, q_pack, pt, dst, ds_pack;
-  std::vector<float> delta, dqt, dq, dk, dv, s, dp;
+  std::vector<float> delta, dqt, dq, dk, dv, s, dp, amx_s;
 };
 
 // Backward in key-major form, so that P^T and dS^T come out of the elementwise passes as row-major A
@@ -1306,6 +1349,7 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
   const Strides sq = t.sq, sk = t.sk, sv = t.sv, sg = t.sg, so = t.so, sdq = t.sdq, sdk = t.sdk, sdv = t.sdv;
   const int64_t n_dblocks = (D + kPackN - 1) / kPackN;
   std::vector<Task> tasks = backward_tasks(p, segs);
+  const bool amx = kIsBf16<scalar_t> && D == 64 && use_amx_tiles(D);  // S^T, dP^T on AMX tiles of its own
   run_tasks<BwdLpState>(tasks, [&](const Task& task, BwdLpState& st) {
     const int64_t start = task.row0, L = task.rows, h = task.head;
     const int64_t Lp = round_up(L, kPadK);  // rows [L, Lp) of the copies and packs are zero
@@ -1356,6 +1400,7 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     st.pt.resize(B * kLdPBwd);
     st.dst.resize(B * kLdPBwd);
     st.ds_pack.resize((B / kPackN) * B * kPackN);
+    if (amx) st.amx_s.resize(4 * kAmxRows * kAmxKeys);
     const float* lse_row = lp + h * p.T + start;
     float *S = st.s.data(), *dP = st.dp.data();
     uint16_t *Pt = st.pt.data(), *dSt = st.dst.data();
@@ -1365,11 +1410,23 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
         const int64_t M = std::min(B, L - q0), Mk = round_up(M, kPadK);
         const uint16_t* qt_pack = st.qt_pack.data() + (q0 / kPackN) * D * kPackN;
         const uint16_t* gt_pack = st.gt_pack.data() + (q0 / kPackN) * D * kPackN;
-        gemm_packed<scalar_t>(Nm, M, D, krows + k0 * D, D, qt_pack, D * kPackN, S, kLdSBwd, false, true);  // S^T = K Q^T
-        gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, kLdSBwd, false, true);  // dP^T = V dO^T
-        for (int64_t r = 0; r < N; ++r) {  // P^T for dV and dS^T for dK, dQ, rounded; zero where dO and Q pad
-          probs_and_grads_to_lp<scalar_t>(S + r * kLdSBwd, dP + r * kLdSBwd, M, p.scale, lse_row + q0,
-                                          st.delta.data() + q0, Pt + r * kLdPBwd, dSt + r * kLdPBwd);
+        // P^T for dV and dS^T for dK, dQ, rounded; zero where dO's and Q's pad rows meet them
+#ifdef DF_HAVE_AVX512_PATH
+        if (amx) {  // S^T, dP^T on AMX tiles of its own, between the rows of the elementwise pass
+          amx_begin();
+          probs_and_grads_amx_d64(krows + k0 * D, vrows + k0 * D, N, qt_pack, gt_pack, M, p.scale, lse_row + q0,
+                                  st.delta.data() + q0, st.amx_s.data(), Pt, dSt, kLdPBwd);
+          amx_end();  // and torch's brgemm loads its own configuration again
+        }
+#endif
+        if (!amx) {
+          gemm_packed<scalar_t>(Nm, M, D, krows + k0 * D, D, qt_pack, D * kPackN, S, kLdSBwd, false, true);  // S^T = K Q^T
+          gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, kLdSBwd, false, true);  // dP^T = V dO^T
+          for (int64_t r = 0; r < N; ++r)
+            probs_and_grads_to_lp<scalar_t>(S + r * kLdSBwd, dP + r * kLdSBwd, M, p.scale, lse_row + q0,
+                                            st.delta.data() + q0, Pt + r * kLdPBwd, dSt + r * kLdPBwd);
+        }
+        for (int64_t r = 0; r < N; ++r) {
           std::memset(Pt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));
           std::memset(dSt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));
         }
@@ -1416,7 +1473,7 @@ RopeInput rope_input(const Problem& p, const c10::optional<at::Tensor>& inv_freq
 
 }  // namespace
 
-bool cpu_bf16_forward_on_amx(int64_t D) { return use_low_precision_gemms(at::kBFloat16) && use_amx_forward(D); }
+bool cpu_bf16_forward_on_amx(int64_t D) { return use_low_precision_gemms(at::kBFloat16) && use_amx_tiles(D); }
 
 namespace {
 

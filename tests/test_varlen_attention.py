@@ -586,17 +586,18 @@ CPU_TILE_GRIDS = [(20, 30), (1, 1), (8, 9), (16, 32), (10, 25)]  # 605, 6, 77, 5
 CPU_TILE_GRIDS_BWD = [(14, 21), (1, 1), (8, 9), (12, 21)]  # 299, 6, 77, 257 tokens
 
 
-@pytest.fixture(params=["low-precision-gemms", "brgemm-forward", "fp32-gemms"])
+@pytest.fixture(params=["low-precision-gemms", "brgemm-only", "fp32-gemms"])
 def cpu_gemm_path(request, monkeypatch):
     """The cpp backend on CPU tensors. "low-precision-gemms": as it runs by default (with AMX, the
-    bf16 forward on AMX tiles of its own where D is a multiple of 32, brgemm elsewhere);
-    "brgemm-forward": DINOFAST_CPU_ISA=avx512, which leaves the bf16 forward to oneDNN's brgemm too;
+    bf16 forward, and the backward's S^T and dP^T at D 64, on AMX tiles of its own where D is a multiple
+    of 32, brgemm elsewhere); "brgemm-only": DINOFAST_CPU_ISA=avx512, which leaves every gemm to
+    oneDNN's brgemm;
     "fp32-gemms": oneDNN disabled, which makes fp16/bf16 take the fp32 conversion path (the only
     one on CPUs without AMX)."""
     reason = _backend.why_unavailable("cpp", "cpu")
     if reason:
         pytest.skip(reason=f"cpp on cpu: {reason}")
-    if request.param == "brgemm-forward":
+    if request.param == "brgemm-only":
         monkeypatch.setenv("DINOFAST_CPU_ISA", "avx512")
     with dinofast.backend("cpp"), onednn(enabled=request.param != "fp32-gemms"):
         yield request.param
