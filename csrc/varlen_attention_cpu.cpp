@@ -888,9 +888,10 @@ struct LowPrecisionState {
 // ------------------------------------------------------------------------------------------------
 // bf16 forward on AMX tiles directly, where the CPU has AMX-BF16 and D is a multiple of 32: per 16
 // queries and 64 keys, S = Q K^T in four 16x16 fp32 tiles, the online softmax on them with AVX-512,
-// then O += P V in tiles (O in memory, four 16-column tiles at a time). The next block's S products
-// are issued before this block's softmax, so the AMX unit works while the vector units compute
-// exps: a brgemm call returns only when its products are done, so the two could not overlap.
+// then O += P V in tiles (O in memory, four 16-column tiles at a time). The neighbouring blocks'
+// tile products are issued between this block's softmax rows, so the AMX unit works while the
+// vector units compute exps: a brgemm call returns only when its products are done, so the two
+// could not overlap.
 // The backward's S^T and dP^T (D = 64) run the same way. DINOFAST_CPU_ISA=avx512 (or lower) turns
 // both off (tests run both ways).
 // ------------------------------------------------------------------------------------------------
@@ -933,63 +934,6 @@ constexpr int64_t kAmxRows = 16, kAmxKeys = 64, kAmxChunk = 64;
   } while (0)
 #define DF_AMX_STORE(j, c, ldc_bytes) _tile_stored(j, (c) + 16 * j, (ldc_bytes))
 
-// S [16][64] (fp32) = the 16 queries at q (row stride ldq) against the 64 keys of packed K^T block kblk.
-DF_AMX inline void amx_scores(const uint16_t* q, int64_t ldq, const uint16_t* kblk, int64_t D, float* s) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t t = 0; t < D / 32; t += 2) {  // 32 dims (16 pairs) per product, A in tiles 4 and 7
-    _tile_loadd(4, q + 32 * t, ldq * 2);
-    const uint16_t* b = kblk + 16 * t * 2 * kPackN;
-    DF_AMX_MADD(0, 4, 5, b);
-    DF_AMX_MADD(1, 4, 6, b + 32);
-    DF_AMX_MADD(2, 4, 5, b + 64);
-    DF_AMX_MADD(3, 4, 6, b + 96);
-    if (t + 1 == D / 32) break;
-    _tile_loadd(7, q + 32 * (t + 1), ldq * 2);
-    b += 16 * 2 * kPackN;
-    DF_AMX_MADD(0, 7, 5, b);
-    DF_AMX_MADD(1, 7, 6, b + 32);
-    DF_AMX_MADD(2, 7, 5, b + 64);
-    DF_AMX_MADD(3, 7, 6, b + 96);
-  }
-  DF_AMX_STORE(0, s, 4 * kAmxKeys);
-  DF_AMX_STORE(1, s, 4 * kAmxKeys);
-  DF_AMX_STORE(2, s, 4 * kAmxKeys);
-  DF_AMX_STORE(3, s, 4 * kAmxKeys);
-}
-
-// O [16][D] += P [16][64] (bf16) V, V's 64 rows starting at pair kp0 of the packed-V blocks.
-DF_AMX inline void amx_accumulate(const uint16_t* p, const uint16_t* vpack, int64_t v_block_stride, int64_t kp0,
-                                  int64_t D, float* o) {
-  for (int64_t c0 = 0; c0 < D; c0 += kPackN) {
-    const int64_t tiles = std::min<int64_t>(4, (D - c0) / 16);
-    float* oc = o + c0;
-    _tile_loadd(0, oc, D * 4);
-    if (tiles > 1) _tile_loadd(1, oc + 16, D * 4);
-    if (tiles > 2) _tile_loadd(2, oc + 32, D * 4);
-    if (tiles > 3) _tile_loadd(3, oc + 48, D * 4);
-    static_assert(kAmxKeys == 64, "P V: two products of 32 keys, A in tiles 4 and 7");
-    const uint16_t* b = vpack + (c0 / kPackN) * v_block_stride + kp0 * 2 * kPackN;
-    _tile_loadd(4, p, 2 * kAmxKeys);
-    DF_AMX_MADD(0, 4, 5, b);
-    if (tiles > 1) DF_AMX_MADD(1, 4, 6, b + 32);
-    if (tiles > 2) DF_AMX_MADD(2, 4, 5, b + 64);
-    if (tiles > 3) DF_AMX_MADD(3, 4, 6, b + 96);
-    _tile_loadd(7, p + 32, 2 * kAmxKeys);
-    b += 16 * 2 * kPackN;
-    DF_AMX_MADD(0, 7, 5, b);
-    if (tiles > 1) DF_AMX_MADD(1, 7, 6, b + 32);
-    if (tiles > 2) DF_AMX_MADD(2, 7, 5, b + 64);
-    if (tiles > 3) DF_AMX_MADD(3, 7, 6, b + 96);
-    DF_AMX_STORE(0, oc, D * 4);
-    if (tiles > 1) DF_AMX_STORE(1, oc, D * 4);
-    if (tiles > 2) DF_AMX_STORE(2, oc, D * 4);
-    if (tiles > 3) DF_AMX_STORE(3, oc, D * 4);
-  }
-}
-
 // The online softmax of one 16 x 64 block of dot products s (n_keys valid columns), rows < n_rows:
 // p = bf16(exp(scale s - m)), and the fp32 exps summed into the row's 16 lanes of l16 (reduced once,
 // at the end: no horizontal sum per block). The shift m moves only when a score passes it by more
@@ -1025,70 +969,100 @@ DF_AMX inline void key_masks(int64_t n_keys, __mmask16* valid) {
   for (int i = 0; i < 4; ++i) valid[i] = tail_mask(std::max<int64_t>(0, n_keys - 16 * i));
 }
 
-DF_AMX void softmax_block_avx512(const float* s, int64_t n_rows, int64_t n_keys, float scale, float* m, float* l16,
-                                 float* o, int64_t D, uint16_t* p) {
-  __mmask16 valid[4];
-  key_masks(n_keys, valid);
-  for (int64_t r = 0; r < n_rows; ++r)
-    softmax_row_avx512(s + r * kAmxKeys, valid, scale, m[r], l16 + 16 * r, o + r * D, D, p + r * kAmxKeys);
-  for (int64_t r = n_rows; r < kAmxRows; ++r) std::memset(p + r * kAmxKeys, 0, kAmxKeys * sizeof(uint16_t));
-}
-
-// D = 64: S = Q K^T and O += P V as steps of one or two tile instructions, so that they can be
-// spread between the rows of a softmax (the core keeps only a few hundred instructions in flight:
-// tile products issued in one run stall the vector work behind them once that window fills).
-constexpr int kScoreSteps = 11, kAccumulateSteps = 12;
-
-DF_AMX inline void amx_scores_step(int k, const uint16_t* q, int64_t ldq, const uint16_t* kblk, float* s) {
-  const uint16_t* b = kblk + (k >= 5 ? 16 * 2 * kPackN : 0);
-  switch (k) {
-    case 0: _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_loadd(4, q, ldq * 2); break;
-    case 1: DF_AMX_MADD(0, 4, 5, b); break;
-    case 2: DF_AMX_MADD(1, 4, 6, b + 32); break;
-    case 3: DF_AMX_MADD(2, 4, 5, b + 64); break;
-    case 4: DF_AMX_MADD(3, 4, 6, b + 96); _tile_loadd(7, q + 32, ldq * 2); break;
-    case 5: DF_AMX_MADD(0, 7, 5, b); break;
-    case 6: DF_AMX_MADD(1, 7, 6, b + 32); break;
-    case 7: DF_AMX_MADD(2, 7, 5, b + 64); break;
-    case 8: DF_AMX_MADD(3, 7, 6, b + 96); break;
-    case 9: DF_AMX_STORE(0, s, 4 * kAmxKeys); DF_AMX_STORE(1, s, 4 * kAmxKeys); break;
-    default: DF_AMX_STORE(2, s, 4 * kAmxKeys); DF_AMX_STORE(3, s, 4 * kAmxKeys); break;
+// S = Q K^T and O += P V as steps of one or two tile instructions, so that they can be spread
+// between the rows of a softmax (the core keeps only a few hundred instructions in flight: tile
+// products issued in one run stall the vector work behind them once that window fills).
+// Accumulator j += A (tile 4 or 7) x B (tile 5 for even j, 6 for odd): a runtime choice among the
+// literal registers the intrinsics need.
+DF_AMX inline void amx_madd(int j, int a, const uint16_t* b) {
+  switch (2 * j + (a == 7)) {
+    case 0: DF_AMX_MADD(0, 4, 5, b); break;
+    case 1: DF_AMX_MADD(0, 7, 5, b); break;
+    case 2: DF_AMX_MADD(1, 4, 6, b); break;
+    case 3: DF_AMX_MADD(1, 7, 6, b); break;
+    case 4: DF_AMX_MADD(2, 4, 5, b); break;
+    case 5: DF_AMX_MADD(2, 7, 5, b); break;
+    case 6: DF_AMX_MADD(3, 4, 6, b); break;
+    default: DF_AMX_MADD(3, 7, 6, b); break;
   }
 }
 
-// v: the packed V rows of this block's keys (pair kp0 of block 0).
-DF_AMX inline void amx_accumulate_step(int k, const uint16_t* p, const uint16_t* v, float* o) {
-  const uint16_t* b = v + (k >= 6 ? 16 * 2 * kPackN : 0);
-  switch (k) {
-    case 0: _tile_loadd(0, o, 4 * 64); _tile_loadd(1, o + 16, 4 * 64); break;
-    case 1: _tile_loadd(2, o + 32, 4 * 64); _tile_loadd(3, o + 48, 4 * 64); _tile_loadd(4, p, 2 * kAmxKeys); break;
-    case 2: DF_AMX_MADD(0, 4, 5, b); break;
-    case 3: DF_AMX_MADD(1, 4, 6, b + 32); break;
-    case 4: DF_AMX_MADD(2, 4, 5, b + 64); break;
-    case 5: DF_AMX_MADD(3, 4, 6, b + 96); _tile_loadd(7, p + 32, 2 * kAmxKeys); break;
-    case 6: DF_AMX_MADD(0, 7, 5, b); break;
-    case 7: DF_AMX_MADD(1, 7, 6, b + 32); break;
-    case 8: DF_AMX_MADD(2, 7, 5, b + 64); break;
-    case 9: DF_AMX_MADD(3, 7, 6, b + 96); break;
-    case 10: DF_AMX_STORE(0, o, 4 * 64); DF_AMX_STORE(1, o, 4 * 64); break;
-    default: DF_AMX_STORE(2, o, 4 * 64); DF_AMX_STORE(3, o, 4 * 64); break;
+DF_AMX inline void amx_load_a(int a, const uint16_t* x, int64_t stride_bytes) {
+  if (a == 4)
+    _tile_loadd(4, x, stride_bytes);
+  else
+    _tile_loadd(7, x, stride_bytes);
+}
+
+// Accumulators j < tiles stored to (store) or loaded from their 16 columns of c, two per step.
+DF_AMX inline void amx_move_pair(bool store, int first, int tiles, float* c, int64_t ldc_bytes) {
+  if (first == 0) {
+    if (store) DF_AMX_STORE(0, c, ldc_bytes); else _tile_loadd(0, c, ldc_bytes);
+    if (tiles > 1) { if (store) DF_AMX_STORE(1, c, ldc_bytes); else _tile_loadd(1, c + 16, ldc_bytes); }
+  } else {
+    if (tiles > 2) { if (store) DF_AMX_STORE(2, c, ldc_bytes); else _tile_loadd(2, c + 32, ldc_bytes); }
+    if (tiles > 3) { if (store) DF_AMX_STORE(3, c, ldc_bytes); else _tile_loadd(3, c + 48, ldc_bytes); }
   }
 }
 
-// attend_tile_amx for D = 64, software-pipelined: the (key block, query group) items of 64 queries
-// run in sequence, and while item i's softmax runs row by row, item i+1's S and item i-1's P V are
-// issued between its rows. s_buf and p_buf hold two items each.
-DF_AMX void attend_tile_amx_d64(const uint16_t* q, int64_t ldq, int64_t M, const uint16_t* kpack,
-                                const uint16_t* vpack, int64_t N, float scale, float* o, float* m, float* l16,
-                                float* s_buf, uint16_t* p_buf) {
-  constexpr int64_t D = 64, kTile = kAmxRows * kAmxKeys;
+// S [16][64] (fp32) = the 16 queries at q (row stride ldq) against the 64 keys of packed K^T block
+// kblk: a zeroing step, four products per 32 dims (A alternating between tiles 4 and 7), two stores.
+constexpr int score_steps(int64_t D) { return int(4 * (D / 32) + 3); }
+
+DF_AMX inline void amx_scores_step(int k, const uint16_t* q, int64_t ldq, const uint16_t* kblk, int64_t D, float* s) {
+  const int products = int(4 * (D / 32));
+  if (k == 0) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    amx_load_a(4, q, ldq * 2);
+  } else if (k <= products) {
+    const int t = (k - 1) / 4, j = (k - 1) % 4, a = t % 2 != 0 ? 7 : 4;
+    amx_madd(j, a, kblk + 16 * t * 2 * kPackN + 32 * j);
+    if (j == 3 && t + 1 < products / 4) amx_load_a(11 - a, q + 32 * (t + 1), ldq * 2);  // the other A tile
+  } else {
+    amx_move_pair(/*store=*/true, k == products + 1 ? 0 : 2, 4, s, 4 * kAmxKeys);
+  }
+}
+
+// O [16][D] += P [16][64] (bf16) V, V's 64 rows from pair kp0 of the packed-V blocks (v: that pair
+// of block 0, blocks v_block_stride apart): per 64 columns of O, two load steps, eight products
+// (two of 32 keys per tile, P in tiles 4 and 7), two stores.
+constexpr int accumulate_steps(int64_t D) { return int(12 * ((D + kPackN - 1) / kPackN)); }
+
+DF_AMX inline void amx_accumulate_step(int k, const uint16_t* p, const uint16_t* v, int64_t v_block_stride, int64_t D,
+                                       float* o) {
+  const int64_t c0 = (k / 12) * kPackN;
+  const int kk = k % 12, tiles = int(std::min<int64_t>(4, (D - c0) / 16));
+  float* oc = o + c0;
+  if (kk < 2) {
+    amx_move_pair(/*store=*/false, 2 * kk, tiles, oc, D * 4);
+    if (kk == 1) amx_load_a(4, p, 2 * kAmxKeys);
+  } else if (kk < 10) {
+    const int j = (kk - 2) % 4, half = (kk - 2) / 4;
+    if (j < tiles) amx_madd(j, half != 0 ? 7 : 4, v + (c0 / kPackN) * v_block_stride + half * 16 * 2 * kPackN + 32 * j);
+    if (kk == 5) amx_load_a(7, p + 32, 2 * kAmxKeys);
+  } else {
+    amx_move_pair(/*store=*/true, kk == 10 ? 0 : 2, tiles, oc, D * 4);
+  }
+}
+
+// One query tile (M rows at q, row stride ldq; rows up to M rounded to 16 readable, zero past M)
+// against one key tile of N keys, K^T and V packed as for gemm_packed (V blocks v_block_stride
+// apart): updates O [M][D] (fp32, rows up to M rounded to 16 writable), the shifts m and the sums
+// l16 (16 lanes per row). Software-pipelined: the (key block, group of 16 queries) items of 64
+// queries run in sequence, and while item i's softmax runs row by row, item i+1's S and item
+// i-1's P V are issued between its rows. s_buf (fp32) and p_buf (bf16) hold two 16 x 64 items each.
+DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uint16_t* kpack, const uint16_t* vpack,
+                            int64_t v_block_stride, int64_t N, int64_t D, float scale, float* o, float* m, float* l16,
+                            float* s_buf, uint16_t* p_buf) {
+  constexpr int64_t kTile = kAmxRows * kAmxKeys;
+  const int n_score = score_steps(D), n_accumulate = accumulate_steps(D);
   const int64_t n_blocks = (N + kAmxKeys - 1) / kAmxKeys;
   for (int64_t c0 = 0; c0 < M; c0 += kAmxChunk) {
     const int64_t n_groups = (std::min(kAmxChunk, M - c0) + kAmxRows - 1) / kAmxRows, n_items = n_blocks * n_groups;
     const auto g0_of = [&](int64_t i) { return c0 + (i % n_groups) * kAmxRows; };
     const auto kblk_of = [&](int64_t i) { return kpack + (i / n_groups) * D * kPackN; };
     const auto v_of = [&](int64_t i) { return vpack + (i / n_groups) * kAmxKeys / 2 * 2 * kPackN; };
-    for (int k = 0; k < kScoreSteps; ++k) amx_scores_step(k, q + g0_of(0) * ldq, ldq, kblk_of(0), s_buf);
+    for (int k = 0; k < n_score; ++k) amx_scores_step(k, q + g0_of(0) * ldq, ldq, kblk_of(0), D, s_buf);
     for (int64_t i = 0; i < n_items; ++i) {
       const int64_t g0 = g0_of(i), rows = std::min(kAmxRows, M - g0);
       const float* s_cur = s_buf + (i % 2) * kTile;
@@ -1096,7 +1070,7 @@ DF_AMX void attend_tile_amx_d64(const uint16_t* q, int64_t ldq, int64_t M, const
       __mmask16 valid[4];
       key_masks(std::min(kAmxKeys, N - (i / n_groups) * kAmxKeys), valid);
       const int64_t next = std::min(i + 1, n_items - 1), prev = std::max<int64_t>(i - 1, 0);
-      int ks = i + 1 < n_items ? 0 : kScoreSteps, ka = i > 0 ? 0 : kAccumulateSteps;  // steps left to issue
+      int ks = i + 1 < n_items ? 0 : n_score, ka = i > 0 ? 0 : n_accumulate;  // steps left to issue
       const uint16_t* q_next = q + g0_of(next) * ldq;
       const uint16_t* kblk_next = kblk_of(next);
       float* s_next = s_buf + (next % 2) * kTile;
@@ -1104,8 +1078,8 @@ DF_AMX void attend_tile_amx_d64(const uint16_t* q, int64_t ldq, int64_t M, const
       const uint16_t* v_prev = v_of(prev);
       float* o_prev = o + g0_of(prev) * D;
       if (ka == 0 && n_groups == 1)  // item i-1 is this group's previous block: its O first, whole
-        for (; ka < kAccumulateSteps; ++ka) amx_accumulate_step(ka, p_prev, v_prev, o_prev);
-      const int total = (kScoreSteps - ks) + (kAccumulateSteps - ka);
+        for (; ka < n_accumulate; ++ka) amx_accumulate_step(ka, p_prev, v_prev, v_block_stride, D, o_prev);
+      const int total = (n_score - ks) + (n_accumulate - ka);
       int issued = 0;
       for (int64_t r = 0; r < kAmxRows; ++r) {
         if (r < rows)
@@ -1115,45 +1089,16 @@ DF_AMX void attend_tile_amx_d64(const uint16_t* q, int64_t ldq, int64_t M, const
           std::memset(p_cur + r * kAmxKeys, 0, kAmxKeys * sizeof(uint16_t));
         // S before P V: P V's O loads reuse the tiles S stores from
         for (const int until = int(total * (r + 1) / kAmxRows); issued < until; ++issued) {
-          if (ks < kScoreSteps)
-            amx_scores_step(ks++, q_next, ldq, kblk_next, s_next);
+          if (ks < n_score)
+            amx_scores_step(ks++, q_next, ldq, kblk_next, D, s_next);
           else
-            amx_accumulate_step(ka++, p_prev, v_prev, o_prev);
+            amx_accumulate_step(ka++, p_prev, v_prev, v_block_stride, D, o_prev);
         }
       }
     }
     const int64_t last = n_items - 1;
-    for (int k = 0; k < kAccumulateSteps; ++k)
-      amx_accumulate_step(k, p_buf + (last % 2) * kTile, v_of(last), o + g0_of(last) * D);
-  }
-}
-
-// One query tile (M rows at q, row stride ldq; rows up to M rounded to 16 readable, zero past M)
-// against one key tile of N keys, K^T and V packed as for gemm_packed: updates O [M][D] (fp32, rows
-// up to M rounded to 16 writable), the shifts m and the sums l16 (16 lanes per row). s_buf: 2 x 16 x
-// 64 floats; p_buf: 16 x 64 bf16.
-DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uint16_t* kpack,
-                            const uint16_t* vpack, int64_t v_block_stride, int64_t N, int64_t D, float scale,
-                            float* o, float* m, float* l16, float* s_buf, uint16_t* p_buf) {
-  const int64_t n_blocks = (N + kAmxKeys - 1) / kAmxKeys;
-  // 64 queries at a time; within them, key blocks outside and groups of 16 queries inside: a block's
-  // K^T and V tiles (16 KB at D 64) serve 4 groups, and the 64 rows of O (16 KB) stay in L1.
-  for (int64_t c0 = 0; c0 < M; c0 += kAmxChunk) {
-    const int64_t n_groups = (std::min(kAmxChunk, M - c0) + kAmxRows - 1) / kAmxRows;
-    for (int64_t kb = 0; kb < n_blocks; ++kb) {
-      const uint16_t* kblk = kpack + kb * D * kPackN;
-      const int64_t n_keys = std::min(kAmxKeys, N - kb * kAmxKeys);
-      amx_scores(q + c0 * ldq, ldq, kblk, D, s_buf);
-      for (int64_t g = 0; g < n_groups; ++g) {
-        const int64_t g0 = c0 + g * kAmxRows;
-        // the next group's products first: the AMX unit runs them while the softmax below runs
-        if (g + 1 < n_groups)
-          amx_scores(q + (g0 + kAmxRows) * ldq, ldq, kblk, D, s_buf + ((g + 1) % 2) * kAmxRows * kAmxKeys);
-        softmax_block_avx512(s_buf + (g % 2) * kAmxRows * kAmxKeys, std::min(kAmxRows, M - g0), n_keys, scale,
-                             m + g0, l16 + 16 * g0, o + g0 * D, D, p_buf);
-        amx_accumulate(p_buf, vpack, v_block_stride, kb * kAmxKeys / 2, D, o + g0 * D);
-      }
-    }
+    for (int k = 0; k < n_accumulate; ++k)
+      amx_accumulate_step(k, p_buf + (last % 2) * kTile, v_of(last), v_block_stride, D, o + g0_of(last) * D);
   }
 }
 
@@ -1164,10 +1109,11 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
 // forward. s_buf: 4 x 16 x 64 floats (S^T and dP^T of two blocks).
 DF_AMX inline void bwd_scores_step(int k, const uint16_t* k_rows, const uint16_t* v_rows, const uint16_t* qt_blk,
                                    const uint16_t* gt_blk, float* s) {
-  if (k < kScoreSteps)
-    amx_scores_step(k, k_rows, 64, qt_blk, s);
+  constexpr int64_t D = 64;
+  if (k < score_steps(D))
+    amx_scores_step(k, k_rows, D, qt_blk, D, s);
   else
-    amx_scores_step(k - kScoreSteps, v_rows, 64, gt_blk, s + kAmxRows * kAmxKeys);
+    amx_scores_step(k - score_steps(D), v_rows, D, gt_blk, D, s + kAmxRows * kAmxKeys);
 }
 
 DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_t N, const uint16_t* qt_pack,
@@ -1178,7 +1124,7 @@ DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_
   const int64_t n_groups = (N + kAmxRows - 1) / kAmxRows, n_items = n_groups * ((M + kAmxKeys - 1) / kAmxKeys);
   const auto rows_of = [&](const uint16_t* x, int64_t i) { return x + (i % n_groups) * kAmxRows * D; };
   const auto block_of = [&](const uint16_t* pack, int64_t i) { return pack + (i / n_groups) * D * kPackN; };
-  for (int step = 0; step < 2 * kScoreSteps; ++step)
+  for (int step = 0; step < 2 * score_steps(D); ++step)
     bwd_scores_step(step, rows_of(k, 0), rows_of(v, 0), block_of(qt_pack, 0), block_of(gt_pack, 0), s_buf);
   for (int64_t i = 0; i < n_items; ++i) {
     const int64_t g0 = (i % n_groups) * kAmxRows, c0 = (i / n_groups) * kAmxKeys;
@@ -1188,7 +1134,7 @@ DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_
     const uint16_t *k_next = rows_of(k, next), *v_next = rows_of(v, next);
     const uint16_t *qt_next = block_of(qt_pack, next), *gt_next = block_of(gt_pack, next);
     float* s_next = s_buf + (next % 2) * 2 * kTile;
-    const int total = i + 1 < n_items ? 2 * kScoreSteps : 0;
+    const int total = i + 1 < n_items ? 2 * score_steps(D) : 0;
     int issued = 0;
     for (int64_t r = 0; r < rows; ++r) {
       probs_and_grads_to_bf16_avx512(s + r * kAmxKeys, s + kTile + r * kAmxKeys, cols, scale, lse + c0, delta + c0,
@@ -1272,11 +1218,6 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
 #ifdef DF_HAVE_AVX512_PATH
-        if (amx && D == 64) {
-          attend_tile_amx_d64(qrows + b0 * ldq, ldq, M, st.kpack.data(), st.vpack.data(), N, p.scale, o, m,
-                              st.l.data() + 16 * b0, S, Pm);
-          continue;
-        }
         if (amx) {
           attend_tile_amx(qrows + b0 * ldq, ldq, M, st.kpack.data(), st.vpack.data(), Np * kPackN, N, D, p.scale, o,
                           m, st.l.data() + 16 * b0, S, Pm);

@@ -631,7 +631,7 @@ def rotated(q, k, cu, spec):
     return rope2d_reference(q, k, spec.grids, num_prefix_tokens=spec.num_prefix_tokens, cu_seqlens=cu)
 
 
-# D 64: the pipelined AMX forward; 32, 96, 128, 256: the general one; 72, 40: brgemm only
+# D a multiple of 32 (one to four 64-column O chunks): the AMX-tile forward; 72, 40: brgemm only
 CPU_LP_CASES = [(64, False), (64, True), (128, False), (72, True), (40, False), (256, False), (96, False), (32, True)]
 
 
