@@ -45,6 +45,7 @@ constexpr int64_t kBlockQ = 256;   // forward query tile
 constexpr int64_t kBlockK = 512;   // forward key tile
 constexpr int64_t kMaxBlocksPerTask = 16;
 constexpr int64_t kBlockBwd = 256; // backward query and key tiles
+constexpr float kLog2e = 1.44269504088896341f;
 
 // Per-thread scratch buffers start on a cache line: an AMX tile row (64 bytes) that straddles two
 // lines splits every tile load and store (O += P V ran 3x slower from malloc's 16-byte alignment).
@@ -918,7 +919,7 @@ struct LowPrecisionState {
 // both off (tests run both ways).
 // ------------------------------------------------------------------------------------------------
 #ifdef DF_HAVE_AVX512_PATH
-#define DF_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define DF_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 bool cpu_has_amx_bf16() {
   static const bool ok = [] {
@@ -956,33 +957,51 @@ constexpr int64_t kAmxRows = 16, kAmxKeys = 64, kAmxChunk = 64;
   } while (0)
 #define DF_AMX_STORE(j, c, ldc_bytes) _tile_stored(j, (c) + 16 * j, (ldc_bytes))
 
-// The online softmax of one 16 x 64 block of dot products s (n_keys valid columns), rows < n_rows:
-// p = bf16(exp(scale s - m)), and the fp32 exps summed into the row's 16 lanes of l16 (reduced once,
-// at the end: no horizontal sum per block). The shift m moves only when a score passes it by more
-// than 8 (so p <= e^8, far from bf16's range limits); then the row of O and of l16 are rescaled.
-// Most blocks only compare. Rows past n_rows get p = 0.
-DF_AMX inline void softmax_row_avx512(const float* srow, const __mmask16* valid, float scale, float& m, float* l,
-                                      float* orow, int64_t D, uint16_t* prow) {
+// 2^x for x <= 0 (or a little above): 2^x = 2^n 2^r with r = x - round(x) from vreduceps (r = 0
+// and n = x for x = -inf, so -inf gives 0 with no clamp; NaN stays NaN), 2^r by a degree-5
+// polynomial fitted for relative error on |r| <= 1/2 (within 2.4e-7 of 2^r, evaluated in fp32).
+DF_AMX inline __m512 exp2_16(__m512 x) {
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 y = _mm512_set1_ps(0.0013276470126584172f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.009675541892647743f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.05550713464617729f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.24022120237350464f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.6931469440460205f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(y, _mm512_sub_ps(x, r));
+}
+
+// The online softmax of one row of a 16 x 64 block of dot products (columns past n_keys masked by
+// valid unless full): y = scale * s rounded and p = bf16(e^(y - m)) computed as 2^((y - m) log2(e)),
+// both as in the reference (a subtract before the multiply: y - m is exact near the max, and the
+// overflows of a huge scale match), with the fp32 powers summed into the row's 16 lanes of l16
+// (reduced once, at the end: no horizontal sum per block). The shift m (the row's max so far) moves
+// only when a score passes it by more than 8 (so p <= e^8, far from bf16's range limits); then the
+// row of O and of l16 are rescaled. Most blocks only compare their max. A NaN score makes its row
+// NaN whether or not the max sees it (the shift is then either NaN or left alone, and the NaN power
+// reaches O and l16).
+DF_AMX inline void softmax_row_avx512(const float* srow, bool full, const __mmask16* valid, float scale, float& m,
+                                      float* l, float* orow, int64_t D, uint16_t* prow) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-kInf);
+  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-kInf), log2e = _mm512_set1_ps(kLog2e);
   __m512 y[4];
-  for (int i = 0; i < 4; ++i) y[i] = mul_rounded(_mm512_mask_loadu_ps(ninf, valid[i], srow + 16 * i), sc);
-  const __m512 limit = _mm512_set1_ps(m + 8.f);
-  const __mmask16 over = _mm512_cmp_ps_mask(y[0], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[1], limit, _CMP_GT_OQ) |
-                         _mm512_cmp_ps_mask(y[2], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(y[3], limit, _CMP_GT_OQ);
-  if (over != 0 || m == -kInf) {  // NaN scores compare false: they stay NaN through the exps
-    const float mb = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(y[0], y[1]), _mm512_max_ps(y[2], y[3])));
+  for (int i = 0; i < 4; ++i)
+    y[i] = mul_rounded(full ? _mm512_loadu_ps(srow + 16 * i) : _mm512_mask_loadu_ps(ninf, valid[i], srow + 16 * i), sc);
+  const __m512 top = _mm512_max_ps(_mm512_max_ps(y[0], y[1]), _mm512_max_ps(y[2], y[3]));
+  if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(m + 8.f), _CMP_GT_OQ) != 0 || m == -kInf) {
+    const float mb = _mm512_reduce_max_ps(top);
     const float alpha = m == -kInf ? 0.f : std::exp(m - mb);
     scale_row(l, 16, alpha);
     scale_row(orow, D, alpha);
     m = mb;
   }
-  const __m512 sh = _mm512_set1_ps(m);
+  const __m512 shift = _mm512_set1_ps(m);
   __m512 sum = _mm512_loadu_ps(l);
-  for (int i = 0; i < 4; ++i) {
-    const __m512 e = _mm512_maskz_mov_ps(valid[i], exp16(_mm512_sub_ps(y[i], sh)));
-    sum = _mm512_add_ps(sum, e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + 16 * i), to_bf16x16(e));
+  for (int i = 0; i < 4; i += 2) {  // masked columns: y = -inf, p = 0
+    const __m512 e0 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(y[i], shift), log2e));
+    const __m512 e1 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(y[i + 1], shift), log2e));
+    sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
+    _mm512_storeu_si512(prow + 16 * i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
   }
   _mm512_storeu_ps(l, sum);
 }
@@ -1090,7 +1109,9 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
       const float* s_cur = s_buf + (i % 2) * kTile;
       uint16_t* p_cur = p_buf + (i % 2) * kTile;
       __mmask16 valid[4];
-      key_masks(std::min(kAmxKeys, N - (i / n_groups) * kAmxKeys), valid);
+      const int64_t n_keys = std::min(kAmxKeys, N - (i / n_groups) * kAmxKeys);
+      const bool full = n_keys == kAmxKeys;
+      key_masks(n_keys, valid);
       const int64_t next = std::min(i + 1, n_items - 1), prev = std::max<int64_t>(i - 1, 0);
       int ks = i + 1 < n_items ? 0 : n_score, ka = i > 0 ? 0 : n_accumulate;  // steps left to issue
       const uint16_t* q_next = q + g0_of(next) * ldq;
@@ -1105,8 +1126,8 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
       int issued = 0;
       for (int64_t r = 0; r < kAmxRows; ++r) {
         if (r < rows)
-          softmax_row_avx512(s_cur + r * kAmxKeys, valid, scale, m[g0 + r], l16 + 16 * (g0 + r), o + (g0 + r) * D, D,
-                             p_cur + r * kAmxKeys);
+          softmax_row_avx512(s_cur + r * kAmxKeys, full, valid, scale, m[g0 + r], l16 + 16 * (g0 + r),
+                             o + (g0 + r) * D, D, p_cur + r * kAmxKeys);
         else
           std::memset(p_cur + r * kAmxKeys, 0, kAmxKeys * sizeof(uint16_t));
         // S before P V: P V's O loads reuse the tiles S stores from
@@ -1241,8 +1262,8 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         float* l = st.l.data() + b0;
 #ifdef DF_HAVE_AVX512_PATH
         if (amx) {
-          attend_tile_amx(qrows + b0 * ldq, ldq, M, st.kpack.data(), st.vpack.data(), Np * kPackN, N, D, p.scale, o,
-                          m, st.l.data() + 16 * b0, S, Pm);
+          attend_tile_amx(qrows + b0 * ldq, ldq, M, st.kpack.data(), st.vpack.data(), Np * kPackN, N, D, p.scale,
+                          o, m, st.l.data() + 16 * b0, S, Pm);
           continue;
         }
 #endif
