@@ -497,6 +497,39 @@ def _bf16_batched_on_amx_expected(head_dim=64) -> bool:
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_cpu_inference_in_bounded_allocations(gated, packed, monkeypatch):
+    """The CPU inference path with its allocation bound scaled down to these small models (as a real
+    packed batch meets it): Q, K and V come from three GEMMs and the MLP runs in row chunks (several,
+    the last one short), and the result is still transformers'."""
+    from dinofast.models import dinov3 as D
+
+    if DEVICE.type != "cpu" or not D._onednn_linear_available():
+        pytest.skip(reason="the oneDNN CPU inference path is not available here")
+    model = random_model(gated=gated, layers=2)
+    patched = dinofast.patch_dinov3(copy.deepcopy(model))
+    monkeypatch.setattr(D, "_ONE_ALLOCATION_BYTES", 1 << 16)  # 64 rows of the 256-wide MLP hidden in fp32
+    chunks, gemms = [], []
+    real_mlp, real_linear = D._mlp_residual, D._onednn_linear
+    monkeypatch.setattr(D, "_mlp_residual", lambda layer, h: chunks.append(h.shape[0]) or real_mlp(layer, h))
+    monkeypatch.setattr(D, "_onednn_linear", lambda x, params, *a: gemms.append(params[0].shape[0]) or
+                        real_linear(x, params, *a))
+    imgs = images([(224, 224), (96, 160)], seed=24)
+    if packed:
+        feats = run_packed(patched, imgs)
+        check_packed(model, imgs, feats)
+        tokens = sum(5 + h * w // 256 for h, w in [(224, 224), (96, 160)])
+    else:
+        x = torch.stack(images([(224, 224)], seed=24))
+        got, ref = run(patched, x), run(model, x)
+        assert max_diff(got.last_hidden_state, ref.last_hidden_state) <= MODEL_ATOL
+        tokens = 5 + 14 * 14
+    per_layer = -(-tokens // 64)
+    assert chunks == ([64] * (per_layer - 1) + [tokens - 64 * (per_layer - 1)]) * 2 and tokens % 64 != 0
+    assert gemms.count(128) >= 2 * 3 and 3 * 128 not in gemms  # q, k, v projections apart, never fused
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
 @pytest.mark.parametrize("size", [(224, 224), (768, 768)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_patched_bf16_within_flash_rule_of_transformers(gated, size, monkeypatch):
     """Patched bf16 (on CPUs with native bf16: the oneDNN path, epilogues rounding once) is at

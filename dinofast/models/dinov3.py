@@ -257,14 +257,18 @@ def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
 
 
 def _qkv_projection(attn, hidden_states: Tensor, onednn: bool = False) -> Tensor:
-    """hidden_states [..., C] -> [..., 3, H, D]: q_proj | k_proj | v_proj as one GEMM with the
-    cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters.
-    onednn: the CPU inference path (see _cpu_inference), bias in the GEMM epilogue."""
+    """hidden_states [..., C] -> (q, k, v), each [..., H, D]: q_proj | k_proj | v_proj as one GEMM
+    with the cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters.
+    onednn: the CPU inference path (see _cpu_inference), bias in the GEMM epilogue; three GEMMs where
+    the fused output would reach _ONE_ALLOCATION_BYTES."""
     if onednn:
         projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        heads = (attn.num_heads, attn.head_dim)
+        if hidden_states.numel() * 3 * hidden_states.element_size() >= _ONE_ALLOCATION_BYTES:
+            return tuple(_onednn_linear(hidden_states, _linear_params(p)).unflatten(-1, heads) for p in projs)
         params = _onednn_params(attn, "_dinofast_qkv_onednn", [*(p.weight for p in projs), *(p.bias for p in projs)],
                                 lambda: _concat_qkv(projs))
-        return _onednn_linear(hidden_states, params).unflatten(-1, (3, attn.num_heads, attn.head_dim))
+        return _onednn_linear(hidden_states, params).unflatten(-1, (3, *heads)).unbind(-3)
     weight, bias, cached = _fused_qkv(attn)
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     params = [p.weight for p in projs] + [p.bias for p in projs]
@@ -273,7 +277,7 @@ def _qkv_projection(attn, hidden_states: Tensor, onednn: bool = False) -> Tensor
         qkv = _FusedLinear.apply(hidden_states, weight, bias, [p.out_features for p in projs], *params)
     else:  # no parameter gradient needed, or `weight` is itself a differentiable concatenation
         qkv = F.linear(hidden_states, weight, bias)
-    return qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim))
+    return qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(-3)
 
 
 def _attention_forward(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _PackedPlan]) -> Tensor:
@@ -287,8 +291,7 @@ def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _Pac
                      onednn: bool = False) -> Tensor:
     """_attention_forward before the output projection: the heads' outputs, [..., C].
     onednn: the CPU inference path (see _cpu_inference)."""
-    qkv = _qkv_projection(attn, hidden_states, onednn)
-    q, k, v = qkv.unbind(-3)  # views, [..., H, D]
+    q, k, v = _qkv_projection(attn, hidden_states, onednn)
     if isinstance(plan, _PackedPlan):
         out = _attend_packed(q, k, v, plan, attn.scaling)
     else:
@@ -303,6 +306,14 @@ def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _Pac
             out = _attend_batched(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan, P,
                                   attn.scaling, dropout_p).transpose(1, 2)
     return out.flatten(-2)
+
+
+# The CPU inference path keeps every intermediate below this size: glibc serves larger blocks with
+# fresh mmaps (its dynamic threshold stops at 32 MiB), so each one comes back as unmapped pages and
+# the op that writes it pays a page fault per 4 KiB. On the 2-core dev box (ViT-B, bf16, 9,367
+# packed tokens) the fused QKV GEMM took 22 ms into a fresh [T, 3C] output and 11 ms into a reused
+# one, and the MLP 56 ms in one piece and 39 ms in row chunks (78 vs 128 ms at 18,472 tokens).
+_ONE_ALLOCATION_BYTES = 32 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -383,6 +394,17 @@ def _scaled_linear_add(linear, x: Tensor, scale: Tensor, residual: Tensor) -> Te
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
+def _mlp_residual(layer, hidden_states: Tensor) -> Tensor:
+    """hidden_states + LayerScale(mlp(norm2(hidden_states))) on the CPU inference path (see
+    _cpu_inference): the activation in the first GEMM's epilogue, LayerScale and the residual in the
+    second's (see _mlp_hidden, _scaled_linear_add). Row-wise: any slice of rows may go alone."""
+    x = layer.norm2(hidden_states)
+    h = _mlp_hidden(layer.mlp, x)
+    if h is None:
+        return torch.addcmul(hidden_states, layer.mlp(x), layer.layer_scale2.lambda1)
+    return _scaled_linear_add(layer.mlp.down_proj, h, layer.layer_scale2.lambda1, hidden_states)
+
+
 def _unhooked(module: nn.Module) -> bool:
     """True when calling module.forward directly skips nothing: no forward hooks except
     transformers' output-capturing ones (they record attention maps, which the caller did not ask
@@ -412,11 +434,11 @@ def _layer_forward(layer, hidden_states: Tensor, plan, **kwargs) -> Tensor:
     if _cpu_inference(layer, hidden_states) and _unhooked(attn) and not _attentions_requested(kwargs):
         h = _attention_heads(attn, layer.norm1(hidden_states), plan, onednn=True)
         hidden_states = _scaled_linear_add(attn.o_proj, h, layer.layer_scale1.lambda1, hidden_states)
-        x = layer.norm2(hidden_states)
-        h = _mlp_hidden(layer.mlp, x)
-        if h is None:
-            return torch.addcmul(hidden_states, layer.mlp(x), layer.layer_scale2.lambda1)
-        return _scaled_linear_add(layer.mlp.down_proj, h, layer.layer_scale2.lambda1, hidden_states)
+        rows = hidden_states.view(-1, hidden_states.shape[-1])
+        chunk = max(1, _ONE_ALLOCATION_BYTES // (layer.mlp.up_proj.out_features * rows.element_size()))
+        if rows.shape[0] <= chunk:
+            return _mlp_residual(layer, hidden_states)
+        return torch.cat([_mlp_residual(layer, r) for r in rows.split(chunk)]).view_as(hidden_states)
     if "_dinofast_original" in type(attn).__dict__:
         # Through the module call, so that hooks (transformers records attention maps with one) run.
         h, _ = attn(layer.norm1(hidden_states), position_embeddings=plan, **kwargs)
@@ -439,7 +461,7 @@ def _attention_with_weights(attn, hidden_states: Tensor, plan: _BatchedPlan) -> 
     computes them: hidden_states [B, N, C] -> (output [B, N, C], weights [B, H, N, N] in the
     input dtype, after dropout in train mode). O(N^2) memory: only when the maps are asked for."""
     B, N = hidden_states.shape[:2]
-    q, k, v = (t.transpose(1, 2) for t in _qkv_projection(attn, hidden_states).unbind(-3))  # [B, H, N, D]
+    q, k, v = (t.transpose(1, 2) for t in _qkv_projection(attn, hidden_states))  # [B, H, N, D]
     q, k = rope2d(q, k, (plan.hp, plan.wp), num_prefix_tokens=N - plan.hp * plan.wp, theta=plan.theta,
                   periods=plan.periods, coord_transform=plan.coord_transform)
     weights = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, dim=-1)
