@@ -827,6 +827,43 @@ DF_AVX512 void probs_and_grads_to_bf16_avx512(const float* s, const float* dp, i
 }
 #endif
 
+#ifdef DF_HAVE_AVX512_PATH
+// 16 bf16 -> fp32 (exact), and fp32 -> bf16 with round_bf16's integer rounding (nearest even,
+// denormals kept, NaN -> 0x7FC0), so that the vector rotation below stores exactly what rope2d does.
+DF_AVX512 inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p))), 16));
+}
+DF_AVX512 inline void store_bf16x16(uint16_t* p, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)),
+      16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0))));
+}
+
+constexpr int64_t kPrefetchRows = 8;
+
+// RopeTables::rotate of one bf16 row (D a multiple of 64) into bf16, 16 channels at a time: the
+// same products and differences, each rounded (mul_rounded: no fma contraction), as the scalar code.
+DF_AVX512 void rotate_bf16_avx512(const uint16_t* src, const RopeTables& rope, int64_t pos, uint16_t* out) {
+  const int64_t q = rope.quarter, half = 2 * q;
+  const float* tabs[2][2] = {{&rope.cy[(pos / rope.wp) * q], &rope.sy[(pos / rope.wp) * q]},
+                             {&rope.cx[(pos % rope.wp) * q], &rope.sx[(pos % rope.wp) * q]}};
+  for (int part = 0; part < 2; ++part) {
+    for (int64_t d = part * q; d < (part + 1) * q; d += 16) {
+      const __m512 c = _mm512_loadu_ps(tabs[part][0] + d - part * q), sn = _mm512_loadu_ps(tabs[part][1] + d - part * q);
+      const __m512 x1 = load_bf16x16(src + d), x2 = load_bf16x16(src + d + half);
+      store_bf16x16(out + d, _mm512_sub_ps(mul_rounded(x1, c), mul_rounded(x2, sn)));
+      store_bf16x16(out + d + half, _mm512_add_ps(mul_rounded(x2, c), mul_rounded(x1, sn)));
+    }
+  }
+}
+#endif
+
 template <typename scalar_t>
 constexpr bool kIsBf16 = std::is_same<scalar_t, at::BFloat16>::value;
 
@@ -866,10 +903,25 @@ void probs_and_grads_to_lp(float* s, float* dp, int64_t n, float scale, const fl
 template <typename scalar_t>
 void rows_lp(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n, int64_t D, uint16_t* dst,
              const RopeTables* rope, int64_t seg_start, int64_t P, float* tmp) {
+#ifdef DF_HAVE_AVX512_PATH
+  const bool vector_rope = kIsBf16<scalar_t> && rope != nullptr && D % 64 == 0 && cpu_has_avx512();
+#else
+  const bool vector_rope = false;
+#endif
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* src = x + (row0 + r) * st.t + h * st.h;
     uint16_t* out = dst + r * D;
-    if (rotated_row(src, D, rope, row0 + r - seg_start - P, tmp)) {
+    const int64_t pos = row0 + r - seg_start - P;
+    if (vector_rope && pos >= 0) {
+#ifdef DF_HAVE_AVX512_PATH
+      // rows of one head lie a token stride apart (a few KiB: one page each), where the hardware
+      // prefetchers do not follow: fetch a few rows ahead
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(src) + kPrefetchRows * st.t * sizeof(scalar_t);
+      for (int64_t b = 0; b < D * int64_t(sizeof(scalar_t)); b += 64)  // a hint: past the end is harmless
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+      rotate_bf16_avx512(reinterpret_cast<const uint16_t*>(src), *rope, pos, out);
+#endif
+    } else if (rotated_row(src, D, rope, pos, tmp)) {
       round_row<scalar_t>(tmp, out, D);
     } else {
       std::memcpy(out, src, D * sizeof(uint16_t));
