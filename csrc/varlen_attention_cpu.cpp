@@ -195,6 +195,13 @@ DF_MULTIVERSION float exp_shift_sum(float* s, int64_t n, float shift) {
 }
 
 // dS = P * (dP - delta), into dp.
+// The fp32 forward's row passes (AVX-512 where the CPU has it; defined with the vector helpers
+// below): s = scale * s rounded in place, returning its max; s = exp(s - shift), returning the sum.
+float scale_and_max(float* s, int64_t n, float scale);
+float exp_shift_sum_row(float* s, int64_t n, float shift);
+// The fp32 backward's P row: s = exp(scale * s rounded - shift) in place.
+void scaled_exp_row(float* s, int64_t n, float scale, float shift);
+
 DF_MULTIVERSION void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
@@ -481,12 +488,12 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
-        gemm(false, true, M, N, D, p.scale, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kLdS);  // S = scale Q K^T
-        for (int64_t r = 0; r < M; ++r) {  // online softmax
+        gemm(false, true, M, N, D, 1.f, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kLdS);  // S = Q K^T
+        for (int64_t r = 0; r < M; ++r) {  // online softmax on the scores scale * S
           float* srow = S + r * kLdS;
-          const float m_new = std::max(m[r], row_max(srow, N));
+          const float m_new = std::max(m[r], scale_and_max(srow, N, p.scale));
           const float alpha = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + exp_shift_sum(srow, N, m_new);
+          l[r] = l[r] * alpha + exp_shift_sum_row(srow, N, m_new);
           if (alpha != 1.f) scale_row(o + r * D, D, alpha);
           m[r] = m_new;
         }
@@ -550,8 +557,8 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
         const int64_t M = std::min(B, L - q0);
         const float* qt = st.q.data() + q0 * D;
         const float* gt = st.dout.data() + q0 * D;
-        gemm(false, true, M, N, D, p.scale, qt, D, kt, D, 0.f, S, kLdSBwd);  // S = scale Q K^T
-        for (int64_t r = 0; r < M; ++r) exp_shift_sum(S + r * kLdSBwd, N, lse_row[q0 + r]);  // P
+        gemm(false, true, M, N, D, 1.f, qt, D, kt, D, 0.f, S, kLdSBwd);  // S = Q K^T
+        for (int64_t r = 0; r < M; ++r) scaled_exp_row(S + r * kLdSBwd, N, p.scale, lse_row[q0 + r]);  // P
         gemm(true, false, N, D, M, 1.f, S, kLdSBwd, gt, D, q0 == 0 ? 0.f : 1.f, dvt, D);  // dV += P^T dO
         gemm(false, true, M, N, D, 1.f, gt, D, vt, D, 0.f, dP, kLdSBwd);              // dP = dO V^T
         for (int64_t r = 0; r < M; ++r) softmax_grad_row(S + r * kLdSBwd, dP + r * kLdSBwd, N, st.delta[q0 + r]);
@@ -798,6 +805,40 @@ DF_AVX512 inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
 }
 
+// scale_and_max, exp_shift_sum_row and scaled_exp_row on AVX-512 (the scores rounded as the
+// reference's).
+DF_AVX512 float scale_max_avx512(float* s, int64_t n, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 y = mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc);
+    _mm512_mask_storeu_ps(s + j, m, y);
+    mx = _mm512_mask_max_ps(mx, m, mx, y);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
+DF_AVX512 void scaled_exp_avx512(float* s, int64_t n, float scale, float shift) {
+  const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    _mm512_mask_storeu_ps(s + j, m, exp16(_mm512_sub_ps(mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc), sh)));
+  }
+}
+
+DF_AVX512 float exp_shift_sum_avx512(float* s, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), sh));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 // p[j] = bf16(exp(s[j] * scale - shift)); returns the fp32 sum of the exps.
 DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, float shift, uint16_t* p) {
   __m512 sum = _mm512_setzero_ps();
@@ -863,6 +904,29 @@ DF_AVX512 void rotate_bf16_avx512(const uint16_t* src, const RopeTables& rope, i
   }
 }
 #endif
+
+float scale_and_max(float* s, int64_t n, float scale) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (cpu_has_avx512()) return scale_max_avx512(s, n, scale);
+#endif
+  scale_row(s, n, scale);
+  return row_max(s, n);
+}
+
+float exp_shift_sum_row(float* s, int64_t n, float shift) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (cpu_has_avx512()) return exp_shift_sum_avx512(s, n, shift);
+#endif
+  return exp_shift_sum(s, n, shift);
+}
+
+void scaled_exp_row(float* s, int64_t n, float scale, float shift) {
+#ifdef DF_HAVE_AVX512_PATH
+  if (cpu_has_avx512()) return scaled_exp_avx512(s, n, scale, shift);
+#endif
+  scale_row(s, n, scale);
+  exp_shift_sum(s, n, shift);
+}
 
 template <typename scalar_t>
 constexpr bool kIsBf16 = std::is_same<scalar_t, at::BFloat16>::value;
