@@ -776,18 +776,21 @@ DF_MULTIVERSION void softmax_grad_cols(const float* p, float* dp, int64_t n, con
 // underflow, so only -inf needs a clamp (to -104, where exp rounds to 0). A NaN lane stays NaN
 // (max(lo, x) returns x for a NaN x). +inf never reaches it: every caller subtracts the row's max
 // score or its log-sum-exp.
+// c[0] + c[1] r + ... + c[5] r^5, by Horner's rule.
+DF_AVX512 inline __m512 poly5(__m512 r, const float (&c)[6]) {
+  __m512 y = _mm512_set1_ps(c[5]);
+  for (int i = 4; i >= 0; --i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c[i]));
+  return y;
+}
+
 DF_AVX512 inline __m512 exp16(__m512 x) {
+  static constexpr float kExpR[6] = {1.0000001192092896f, 0.9999997019767761f, 0.49998894333839417f,
+                                     0.16667574644088745f, 0.04191538318991661f, 0.008297654800117016f};
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
-  __m512 y = _mm512_set1_ps(0.008297654800117016f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.04191538318991661f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.16667574644088745f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.49998894333839417f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.9999997019767761f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_scalef_ps(y, n);
+  return _mm512_scalef_ps(poly5(r, kExpR), n);
 }
 
 // 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16,
@@ -1077,14 +1080,10 @@ constexpr int64_t kAmxRows = 16, kAmxKeys = 64, kAmxChunk = 64;
 // and n = x for x = -inf, so -inf gives 0 with no clamp; NaN stays NaN), 2^r by a degree-5
 // polynomial fitted for relative error on |r| <= 1/2 (within 2.4e-7 of 2^r, evaluated in fp32).
 DF_AMX inline __m512 exp2_16(__m512 x) {
+  static constexpr float kExp2R[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022120237350464f,
+                                      0.05550713464617729f, 0.009675541892647743f, 0.0013276470126584172f};
   const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 y = _mm512_set1_ps(0.0013276470126584172f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.009675541892647743f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.05550713464617729f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.24022120237350464f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.6931469440460205f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_scalef_ps(y, _mm512_sub_ps(x, r));
+  return _mm512_scalef_ps(poly5(r, kExp2R), _mm512_sub_ps(x, r));
 }
 
 // The online softmax of one row of a 16 x 64 block of dot products (columns past n_keys masked by
