@@ -1357,10 +1357,11 @@ void forward_cpu_lp(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     st.m.assign(R, -std::numeric_limits<float>::infinity());
     st.l.assign(amx ? 16 * R : R, 0.f);  // the AMX forward sums each row in 16 lanes
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
-    // Q (A operand) is read in place unless RoPE rotates it or its last tile needs zero pad rows
+    // Q (A operand) is read in place unless RoPE rotates it or its last tile's pad rows [R, Rp) would
+    // run past the tensor's last token: pad rows only make rows of S, P and O that are never used
     int64_t ldq;
-    const uint16_t* qrows = gemm_rows(qp, sq, h, task.row0, R, Rp, D, rope != nullptr || Rp != R, rope, start, P,
-                                      st.q, st.tmp.data(), ldq);
+    const bool copy_q = rope != nullptr || task.row0 + Rp > p.T;
+    const uint16_t* qrows = gemm_rows(qp, sq, h, task.row0, R, Rp, D, copy_q, rope, start, P, st.q, st.tmp.data(), ldq);
     float* S = st.s.data();
     uint16_t* Pm = st.p.data();
     for (int64_t k0 = start; k0 < end; k0 += kBlockK) {

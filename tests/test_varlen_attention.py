@@ -184,14 +184,17 @@ def test_low_precision_against_fp64(kernel_backend, dtype, rope, layout):
 # ---------------------------------------------------------------------------------------------
 # NaN / Inf in, NaN out (as the reference: SDPA in fp32)
 # ---------------------------------------------------------------------------------------------
-NAN_CASES = ["nan-query", "nan-key", "inf-key", "nan-value", "scale-1e38"]
+# nan-query-late: a NaN query in a later segment, among the rows that pad the earlier ones' last tiles
+NAN_CASES = ["nan-query", "nan-query-late", "nan-key", "inf-key", "nan-value", "scale-1e38"]
 
 
 def poison(q, k, v, case):
-    """Puts the NaN/Inf of `case` into q, k or v (a token of segment 2 of [5, 1, 7+, ...]); returns
+    """Puts the NaN/Inf of `case` into q, k or v (one token of the segments [5, 1, 7+, 3]); returns
     the softmax_scale of the case (1e38 for scale-1e38, else None)."""
     if case == "nan-query":
         q[2, 0, 3] = float("nan")
+    elif case == "nan-query-late":
+        q[9, 0, 3] = float("nan")
     elif case == "nan-key":
         k[8, 1, 0] = float("nan")
     elif case == "inf-key":
