@@ -194,14 +194,14 @@ DF_MULTIVERSION float exp_shift_sum(float* s, int64_t n, float shift) {
   return sum;
 }
 
-// dS = P * (dP - delta), into dp.
-// The fp32 forward's row passes (AVX-512 where the CPU has it; defined with the vector helpers
-// below): s = scale * s rounded in place, returning its max; s = exp(s - shift), returning the sum.
+// The fp32 rows' passes (AVX-512 where the CPU has it; defined with the vector helpers below):
+// the forward's s = scale * s rounded in place, returning its max, and s = exp(s - shift),
+// returning the sum; the backward's P row s = exp(scale * s rounded - shift).
 float scale_and_max(float* s, int64_t n, float scale);
 float exp_shift_sum_row(float* s, int64_t n, float shift);
-// The fp32 backward's P row: s = exp(scale * s rounded - shift) in place.
 void scaled_exp_row(float* s, int64_t n, float scale, float shift);
 
+// dS = P * (dP - delta), into dp.
 DF_MULTIVERSION void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
@@ -770,12 +770,6 @@ DF_MULTIVERSION void softmax_grad_cols(const float* p, float* dp, int64_t n, con
 // portable loops otherwise.
 #ifdef DF_HAVE_AVX512_PATH
 
-// exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 in one fma, e^r by a degree-5 polynomial
-// fitted for relative error on |r| <= ln(2)/2: within 4e-7 of exp where exp(x) > 1e-30 (a few fp32
-// ulp; the bf16 operands made from it round at 4e-3). vscalefps applies 2^n with IEEE overflow and
-// underflow, so only -inf needs a clamp (to -104, where exp rounds to 0). A NaN lane stays NaN
-// (max(lo, x) returns x for a NaN x). +inf never reaches it: every caller subtracts the row's max
-// score or its log-sum-exp.
 // c[0] + c[1] r + ... + c[5] r^5, by Horner's rule.
 DF_AVX512 inline __m512 poly5(__m512 r, const float (&c)[6]) {
   __m512 y = _mm512_set1_ps(c[5]);
@@ -783,11 +777,17 @@ DF_AVX512 inline __m512 poly5(__m512 r, const float (&c)[6]) {
   return y;
 }
 
+// exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 in one fma, e^r by a degree-5 polynomial
+// fitted for relative error on |r| <= ln(2)/2: within 4e-7 of exp where exp(x) > 1e-30 (a few fp32
+// ulp; the bf16 operands made from it round at 4e-3). vscalefps applies 2^n with IEEE overflow and
+// underflow, so only -inf needs a clamp (to -104, where exp rounds to 0). A NaN lane stays NaN
+// (max(lo, x) returns x for a NaN x). +inf never reaches it: every caller subtracts the row's max
+// score or its log-sum-exp.
 DF_AVX512 inline __m512 exp16(__m512 x) {
   static constexpr float kExpR[6] = {1.0000001192092896f, 0.9999997019767761f, 0.49998894333839417f,
                                      0.16667574644088745f, 0.04191538318991661f, 0.008297654800117016f};
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
   return _mm512_scalef_ps(poly5(r, kExpR), n);
@@ -808,8 +808,7 @@ DF_AVX512 inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
 }
 
-// scale_and_max, exp_shift_sum_row and scaled_exp_row on AVX-512 (the scores rounded as the
-// reference's).
+// scale_and_max on AVX-512 (the scores rounded as the reference's).
 DF_AVX512 float scale_max_avx512(float* s, int64_t n, float scale) {
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -822,20 +821,15 @@ DF_AVX512 float scale_max_avx512(float* s, int64_t n, float scale) {
   return _mm512_reduce_max_ps(mx);
 }
 
-DF_AVX512 void scaled_exp_avx512(float* s, int64_t n, float scale, float shift) {
+// s = exp(s - shift), kScaled: exp(scale * s rounded - shift), in place; returns the fp32 sum.
+template <bool kScaled>
+DF_AVX512 float exp_rows_avx512(float* s, int64_t n, float scale, float shift) {
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = tail_mask(n - j);
-    _mm512_mask_storeu_ps(s + j, m, exp16(_mm512_sub_ps(mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc), sh)));
-  }
-}
-
-DF_AVX512 float exp_shift_sum_avx512(float* s, int64_t n, float shift) {
-  const __m512 sh = _mm512_set1_ps(shift);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), sh));
+    const __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+    const __m512 e = exp16(_mm512_sub_ps(kScaled ? mul_rounded(x, sc) : x, sh));
     _mm512_mask_storeu_ps(s + j, m, e);
     sum = _mm512_mask_add_ps(sum, m, sum, e);
   }
@@ -893,8 +887,15 @@ constexpr int64_t kPrefetchRows = 8;
 
 // RopeTables::rotate of one bf16 row (D a multiple of 64) into bf16, 16 channels at a time: the
 // same products and differences, each rounded (mul_rounded: no fma contraction), as the scalar code.
-DF_AVX512 void rotate_bf16_avx512(const uint16_t* src, const RopeTables& rope, int64_t pos, uint16_t* out) {
+// The rows of one head lie a token stride apart (a few KiB: a page each), where the hardware
+// prefetchers do not follow: the row kPrefetchRows strides ahead is fetched (a hint: past the end
+// of the tensor is harmless).
+DF_AVX512 void rotate_bf16_avx512(const uint16_t* src, int64_t row_stride, const RopeTables& rope, int64_t pos,
+                                  uint16_t* out) {
   const int64_t q = rope.quarter, half = 2 * q;
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(src) + kPrefetchRows * row_stride * sizeof(uint16_t);
+  for (int64_t b = 0; b < 4 * q * int64_t(sizeof(uint16_t)); b += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
   const float* tabs[2][2] = {{&rope.cy[(pos / rope.wp) * q], &rope.sy[(pos / rope.wp) * q]},
                              {&rope.cx[(pos % rope.wp) * q], &rope.sx[(pos % rope.wp) * q]}};
   for (int part = 0; part < 2; ++part) {
@@ -918,14 +919,17 @@ float scale_and_max(float* s, int64_t n, float scale) {
 
 float exp_shift_sum_row(float* s, int64_t n, float shift) {
 #ifdef DF_HAVE_AVX512_PATH
-  if (cpu_has_avx512()) return exp_shift_sum_avx512(s, n, shift);
+  if (cpu_has_avx512()) return exp_rows_avx512<false>(s, n, 1.f, shift);
 #endif
   return exp_shift_sum(s, n, shift);
 }
 
 void scaled_exp_row(float* s, int64_t n, float scale, float shift) {
 #ifdef DF_HAVE_AVX512_PATH
-  if (cpu_has_avx512()) return scaled_exp_avx512(s, n, scale, shift);
+  if (cpu_has_avx512()) {
+    exp_rows_avx512<true>(s, n, scale, shift);
+    return;
+  }
 #endif
   scale_row(s, n, scale);
   exp_shift_sum(s, n, shift);
@@ -981,12 +985,7 @@ void rows_lp(const scalar_t* x, Strides st, int64_t h, int64_t row0, int64_t n, 
     const int64_t pos = row0 + r - seg_start - P;
     if (vector_rope && pos >= 0) {
 #ifdef DF_HAVE_AVX512_PATH
-      // rows of one head lie a token stride apart (a few KiB: one page each), where the hardware
-      // prefetchers do not follow: fetch a few rows ahead
-      const uintptr_t ahead = reinterpret_cast<uintptr_t>(src) + kPrefetchRows * st.t * sizeof(scalar_t);
-      for (int64_t b = 0; b < D * int64_t(sizeof(scalar_t)); b += 64)  // a hint: past the end is harmless
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
-      rotate_bf16_avx512(reinterpret_cast<const uint16_t*>(src), *rope, pos, out);
+      rotate_bf16_avx512(reinterpret_cast<const uint16_t*>(src), st.t, *rope, pos, out);
 #endif
     } else if (rotated_row(src, D, rope, pos, tmp)) {
       round_row<scalar_t>(tmp, out, D);

@@ -256,7 +256,7 @@ def _fused_qkv(attn) -> tuple[Tensor, Tensor | None, bool]:
     return weight, bias, cached
 
 
-def _qkv_projection(attn, hidden_states: Tensor, onednn: bool = False) -> Tensor:
+def _qkv_projection(attn, hidden_states: Tensor, onednn: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """hidden_states [..., C] -> (q, k, v), each [..., H, D]: q_proj | k_proj | v_proj as one GEMM
     with the cached fused weight (see _fused_qkv); gradients reach the original q/k/v parameters.
     onednn: the CPU inference path (see _cpu_inference), bias in the GEMM epilogue; three GEMMs where
