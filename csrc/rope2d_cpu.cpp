@@ -8,8 +8,10 @@
 #include <ATen/Parallel.h>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_vec.h"
 #include "rope2d.h"
 
 namespace dinofast {
@@ -73,7 +75,8 @@ AngleTables<acc_t> build_tables(const Geometry& g, const int32_t* grids, const f
 // (setup.py builds for the baseline x86-64 ISA, SSE2): the wrappers below carry the target and the
 // always-inline body takes it on, and each call runs the widest the CPU has. fp32 rows are
 // memory-bound at any width; bf16 rows are not: converted one element at a time (SSE2) they cost
-// ~3.4x a memcpy of them, vectorised (AVX-512) ~1.2-1.4x.
+// ~3.4x a memcpy of them, vectorised ~1.3x; the AVX-512 build's bf16 rows (rotate_bf16_row, with
+// vcvtneps2bf16 and no fma contraction) ~1.25x.
 #define DF_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Element <-> compute type. bf16 is converted with bit operations (the same rounding as
@@ -139,9 +142,20 @@ DF_ALWAYS_INLINE AngleRow<acc_t> angle_row(const AngleTables<acc_t>& tb, int64_t
 }
 
 // A row of D/4 == 16 (head dim 64, DINOv3's): the trip count known at compile time, so each loop is
-// one 16-lane vector with no remainder.
-template <typename scalar_t, typename acc_t>
+// one 16-lane vector with no remainder. kAvx512 (the AVX-512 build): bf16 rows with D/4 a multiple
+// of 16 take the intrinsics of rotate_bf16_row, whose rounding to bf16 is one instruction where the
+// compiled bit operations take eight.
+template <bool kAvx512, typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void rotate_row_any(const scalar_t* in, scalar_t* out, const AngleRow<acc_t>& a, int64_t quarter) {
+#ifdef DF_HAVE_AVX512_PATH
+  if constexpr (kAvx512 && std::is_same<scalar_t, c10::BFloat16>::value) {
+    if (quarter % 16 == 0) {
+      rotate_bf16_row(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out), a.cy, a.sy, a.cx,
+                      a.sx, quarter);
+      return;
+    }
+  }
+#endif
   if (quarter == 16)
     rotate_row(in, out, a.cy, a.sy, a.cx, a.sx, 16);
   else
@@ -167,7 +181,7 @@ struct Job {
 };
 
 // Rotates (or, for a prefix token, copies) row (b, t, h) given its image table and patch (r, c).
-template <typename scalar_t, typename acc_t>
+template <bool kAvx512, typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void do_row(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t, int64_t h, int64_t table,
                              int64_t r, int64_t c, bool prefix) {
   const scalar_t* qr = j.qi + b * j.sq[0] + t * j.sq[1] + h * j.sq[2];
@@ -181,8 +195,8 @@ DF_ALWAYS_INLINE void do_row(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t
     return;
   }
   const AngleRow<acc_t> a = angle_row(*j.tb, table, r, c, quarter);
-  rotate_row_any(qr, qw, a, quarter);
-  rotate_row_any(kr, kw, a, quarter);
+  rotate_row_any<kAvx512>(qr, qw, a, quarter);
+  rotate_row_any<kAvx512>(kr, kw, a, quarter);
 }
 
 // Image table and patch (r, c) of token t of batch row b; false for a prefix token.
@@ -205,7 +219,7 @@ DF_ALWAYS_INLINE bool place(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t,
 
 // The heads of patch token t of batch row b: one angle row (patch (r, c) of image table `table`)
 // for all of them.
-template <typename scalar_t, typename acc_t>
+template <bool kAvx512, typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void rotate_heads(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t, int64_t table,
                                    int64_t r, int64_t c) {
   const int64_t quarter = j.g->D / 4;
@@ -215,14 +229,14 @@ DF_ALWAYS_INLINE void rotate_heads(const Job<scalar_t, acc_t>& j, int64_t b, int
   scalar_t* qw = j.qo + b * j.sqo[0] + t * j.sqo[1];
   scalar_t* kw = j.ko + b * j.sko[0] + t * j.sko[1];
   for (int64_t h = 0; h < j.g->H; ++h) {
-    rotate_row_any(qr + h * j.sq[2], qw + h * j.sqo[2], a, quarter);
-    rotate_row_any(kr + h * j.sk[2], kw + h * j.sko[2], a, quarter);
+    rotate_row_any<kAvx512>(qr + h * j.sq[2], qw + h * j.sqo[2], a, quarter);
+    rotate_row_any<kAvx512>(kr + h * j.sk[2], kw + h * j.sko[2], a, quarter);
   }
 }
 
 // The patch tokens of head h of batched image b, in token order: row pointers advance by the token
 // strides and the angle rows follow the grid's row and column.
-template <typename scalar_t, typename acc_t>
+template <bool kAvx512, typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void rotate_head_tokens(const Job<scalar_t, acc_t>& j, int64_t b, int64_t h, int64_t table) {
   const Geometry& g = *j.g;
   const int64_t quarter = g.D / 4, t0 = g.num_prefix_tokens;
@@ -236,15 +250,15 @@ DF_ALWAYS_INLINE void rotate_head_tokens(const Job<scalar_t, acc_t>& j, int64_t 
     a.cx = cx0;
     a.sx = sx0;
     for (int64_t c = 0; c < g.wp; ++c, a.cx += quarter, a.sx += quarter) {
-      rotate_row_any(qr, qw, a, quarter);
-      rotate_row_any(kr, kw, a, quarter);
+      rotate_row_any<kAvx512>(qr, qw, a, quarter);
+      rotate_row_any<kAvx512>(kr, kw, a, quarter);
       qr += j.sq[1]; kr += j.sk[1]; qw += j.sqo[1]; kw += j.sko[1];
     }
   }
 }
 
 // Work units [begin, end): unit = (b, outer index), rows in the tensors' memory order.
-template <typename scalar_t, typename acc_t>
+template <bool kAvx512, typename scalar_t, typename acc_t>
 DF_ALWAYS_INLINE void run_units(const Job<scalar_t, acc_t>& j, int64_t begin, int64_t end) {
   const Geometry& g = *j.g;
   for (int64_t unit = begin; unit < end; ++unit) {
@@ -252,18 +266,18 @@ DF_ALWAYS_INLINE void run_units(const Job<scalar_t, acc_t>& j, int64_t begin, in
     if (!j.heads_outer) {  // one token, every head
       int64_t table = 0, r = 0, c = 0;
       if (place(j, b, o, table, r, c))
-        rotate_heads(j, b, o, table, r, c);
+        rotate_heads<kAvx512>(j, b, o, table, r, c);
       else
-        for (int64_t h = 0; h < g.H; ++h) do_row(j, b, o, h, table, 0, 0, true);
+        for (int64_t h = 0; h < g.H; ++h) do_row<kAvx512>(j, b, o, h, table, 0, 0, true);
     } else if (!g.packed) {  // one head, every token of image b (N = num_prefix_tokens + hp * wp)
       const int64_t table = j.per_image ? b : 0;
-      for (int64_t t = 0; t < g.num_prefix_tokens; ++t) do_row(j, b, t, o, table, 0, 0, true);
-      rotate_head_tokens(j, b, o, table);
+      for (int64_t t = 0; t < g.num_prefix_tokens; ++t) do_row<kAvx512>(j, b, t, o, table, 0, 0, true);
+      rotate_head_tokens<kAvx512>(j, b, o, table);
     } else {  // packed tokens with heads outer (an unusual stride order): place each token
       for (int64_t t = 0; t < g.N; ++t) {
         int64_t table = 0, r = 0, c = 0;
         const bool patch = place(j, b, t, table, r, c);
-        do_row(j, b, t, o, table, r, c, !patch);
+        do_row<kAvx512>(j, b, t, o, table, r, c, !patch);
       }
     }
   }
@@ -272,18 +286,20 @@ DF_ALWAYS_INLINE void run_units(const Job<scalar_t, acc_t>& j, int64_t begin, in
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DF_ROPE_X86 1
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")))
+// flatten: everything inlined under this target, rotate_bf16_row's intrinsics included (an
+// always-inline callee with a wider target than its caller does not compile).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,prefer-vector-width=512"), flatten))
 void run_units_avx512(const Job<scalar_t, acc_t>& j, int64_t begin, int64_t end) {
-  run_units(j, begin, end);
+  run_units<true>(j, begin, end);
 }
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void run_units_avx2(const Job<scalar_t, acc_t>& j, int64_t begin, int64_t end) {
-  run_units(j, begin, end);
+  run_units<false>(j, begin, end);
 }
 #endif
 template <typename scalar_t, typename acc_t>
 void run_units_baseline(const Job<scalar_t, acc_t>& j, int64_t begin, int64_t end) {
-  run_units(j, begin, end);
+  run_units<false>(j, begin, end);
 }
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
@@ -295,9 +311,7 @@ Isa cpu_isa() {
 #ifdef DF_ROPE_X86
   static const Isa detected = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
+    if (cpu_has_avx512()) return Isa::kAvx512;  // AVX-512 with BF16 (Cooper Lake, Zen 4 and later)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
     return Isa::kBaseline;
   }();

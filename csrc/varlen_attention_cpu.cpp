@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_vec.h"
 #include "varlen_attention.h"
 
 namespace dinofast {
@@ -138,16 +139,7 @@ DF_FAST_MATH inline float fast_exp(float x) {
   return underflow ? 0.0f : y * two_n;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DF_HAVE_AVX512_PATH 1
-#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
+#ifdef DF_HAVE_AVX512_PATH
 // Four independent vmaxps chains: the compiler's single chain waits out the instruction's latency
 // every 16 floats. A NaN may or may not win the max; the row's exps are NaN either way.
 DF_AVX512 float row_max_avx512(const float* s, int64_t n) {
@@ -797,13 +789,6 @@ DF_AVX512 inline __m512 exp16(__m512 x) {
 // which also flushes fp32 denormals (below 1.2e-38) to zero: P and dS values of no weight here.
 DF_AVX512 inline __m256i to_bf16x16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
 
-// The scores are scale * dot rounded, then shifted: a contraction into one fma (which GCC does to
-// a mul and a sub) would skip that rounding, and with a huge softmax_scale turn the row max's 0
-// into +-1e31.
-DF_AVX512 inline __m512 mul_rounded(__m512 a, __m512 b) {
-  return _mm512_mul_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-
 DF_AVX512 inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
 }
@@ -866,46 +851,20 @@ DF_AVX512 void probs_and_grads_to_bf16_avx512(const float* s, const float* dp, i
 #endif
 
 #ifdef DF_HAVE_AVX512_PATH
-// 16 bf16 -> fp32 (exact), and fp32 -> bf16 with round_bf16's integer rounding (nearest even,
-// denormals kept, NaN -> 0x7FC0), so that the vector rotation below stores exactly what rope2d does.
-DF_AVX512 inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(p))), 16));
-}
-DF_AVX512 inline void store_bf16x16(uint16_t* p, __m512 x) {
-  const __m512i u = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)),
-      16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                                _mm512_set1_epi32(0x7F800000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0))));
-}
-
 constexpr int64_t kPrefetchRows = 8;
 
-// RopeTables::rotate of one bf16 row (D a multiple of 64) into bf16, 16 channels at a time: the
-// same products and differences, each rounded (mul_rounded: no fma contraction), as the scalar code.
-// The rows of one head lie a token stride apart (a few KiB: a page each), where the hardware
-// prefetchers do not follow: the row kPrefetchRows strides ahead is fetched (a hint: past the end
-// of the tensor is harmless).
+// RopeTables::rotate of one bf16 row (D a multiple of 64) into bf16 (rotate_bf16_row: what rope2d
+// stores). The rows of one head lie a token stride apart (a few KiB: a page each), where the
+// hardware prefetchers do not follow: the row kPrefetchRows strides ahead is fetched (a hint: past
+// the end of the tensor is harmless).
 DF_AVX512 void rotate_bf16_avx512(const uint16_t* src, int64_t row_stride, const RopeTables& rope, int64_t pos,
                                   uint16_t* out) {
-  const int64_t q = rope.quarter, half = 2 * q;
+  const int64_t q = rope.quarter;
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(src) + kPrefetchRows * row_stride * sizeof(uint16_t);
   for (int64_t b = 0; b < 4 * q * int64_t(sizeof(uint16_t)); b += 64)
     _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
-  const float* tabs[2][2] = {{&rope.cy[(pos / rope.wp) * q], &rope.sy[(pos / rope.wp) * q]},
-                             {&rope.cx[(pos % rope.wp) * q], &rope.sx[(pos % rope.wp) * q]}};
-  for (int part = 0; part < 2; ++part) {
-    for (int64_t d = part * q; d < (part + 1) * q; d += 16) {
-      const __m512 c = _mm512_loadu_ps(tabs[part][0] + d - part * q), sn = _mm512_loadu_ps(tabs[part][1] + d - part * q);
-      const __m512 x1 = load_bf16x16(src + d), x2 = load_bf16x16(src + d + half);
-      store_bf16x16(out + d, _mm512_sub_ps(mul_rounded(x1, c), mul_rounded(x2, sn)));
-      store_bf16x16(out + d + half, _mm512_add_ps(mul_rounded(x2, c), mul_rounded(x1, sn)));
-    }
-  }
+  const int64_t i = pos / rope.wp, j = pos % rope.wp;
+  rotate_bf16_row(src, out, &rope.cy[i * q], &rope.sy[i * q], &rope.cx[j * q], &rope.sx[j * q], q);
 }
 #endif
 
