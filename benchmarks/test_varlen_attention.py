@@ -13,6 +13,10 @@ On CPU, test_varlen_attention_cpu_dtypes times bf16 against fp32 in one process,
   sdpa-per-image bf16/fp32    the per-image SDPA loop (torch's CPU flash attention)
   flex-attention bf16/fp32    torch.compile(flex_attention) with a document mask (forward only:
                               FlexAttention has no CPU backward)
+  gemm floor bf16/fp32        one [T, 768] x [768, n] matmul (oneDNN/MKL at their best, large shapes)
+                              of the same FLOPs as the attention's gemms: what those FLOPs cost at
+                              this CPU's GEMM rate, softmax not counted. "row / gemm floor" bounds
+                              what any kernel in that dtype could gain over that row here.
 Medians and ratios are printed (-s) and stored in the benchmark's extra_info.
 """
 import functools
@@ -81,6 +85,25 @@ def step(fn, inputs, grad, backward: bool):
     out = fn(*inputs)
     out.backward(grad)
     return out
+
+
+def attention_flops(cu, backward: bool) -> float:
+    """Gemm FLOPs of attention over the packed segments (H 12): QK^T and PV, 2 N^2 D each; the
+    backward adds five gemms of that size to the forward's two."""
+    cu_l = cu.tolist()
+    flops = sum(4 * (b - a) ** 2 * D * 12 for a, b in zip(cu_l[:-1], cu_l[1:]))
+    return flops * (3.5 if backward else 1.0)
+
+
+def gemm_of_equal_flops(flops: float, dtype):
+    """A matmul [T, 768] x [768, n] of (about) `flops` FLOPs: the attention's gemm work at the rate
+    torch's GEMM (MKL fp32, oneDNN bf16) reaches on large shapes."""
+    m, k = 5620, 768
+    n = max(64, round(flops / (2 * m * k) / 64) * 64)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(m, k, generator=g).to(DEVICE, dtype), torch.randn(k, n, generator=g).to(DEVICE, dtype)
+    out = torch.empty(m, n, device=DEVICE, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
 
 
 def sdpa_per_image(cu):
@@ -219,15 +242,16 @@ def test_varlen_attention_cpu_dtypes(benchmark, mode):
             peers[f"flex-attention {name}"] = flex_document_attention(cu)
         for row, fn in peers.items():
             rows[row] = functools.partial(step, fn, inputs, grad, backward)
+        rows[f"gemm floor {name}"] = gemm_of_equal_flops(attention_flops(cu, backward), dtype)
     with dinofast.backend("cpp"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # mkldnn.flags()
         medians = interleaved(rows, CPU_ROUNDS)
-    flops = sum(4 * (b - a) ** 2 * D * 12 for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:]))
-    flops *= 3.5 if backward else 1.0  # backward: 5 gemms of the forward's 2, plus the forward
+    flops = attention_flops(cu, backward)
     lines = [f"{benchmark.group}, {THREADS} threads, {CPU_ROUNDS} interleaved rounds"]
     for row, sec in medians.items():
+        floor = medians["gemm floor bf16" if "bf16" in row else "gemm floor fp32"]
         lines.append(f"  {row:24s} {sec * 1e3:9.1f} ms  {flops / sec / 1e9:7.1f} GFLOP/s  "
-                     f"cpp bf16 is {sec / medians['cpp bf16']:5.2f}x faster")
+                     f"cpp bf16 is {sec / medians['cpp bf16']:5.2f}x faster  {sec / floor:5.2f}x its gemm floor")
     print("\n".join(lines))
     benchmark.extra_info.update(threads=THREADS, medians_ms={n: t * 1e3 for n, t in medians.items()})
     benchmark.pedantic(lambda: [fn() for fn in rows.values()], rounds=1, iterations=1)
