@@ -2,9 +2,11 @@
 //
 // Forward: one task per (segment, head, up to 16 blocks of kBlockQ queries). A task packs its query
 // tiles (rotated by RoPE) into fp32, then walks the segment's keys kBlockK at a time:
-// S = Q K^T and O += P V are BLAS gemms on cache-resident tiles (at::mm_out on blob views: MKL on x86),
-// the row max / exp / sum between them is a vectorised loop. K/V tiles are rotated and converted
-// to fp32 as they are packed; fp32 K/V without RoPE are read in place.
+// S = Q K^T and O += P V on cache-resident tiles, the row max / exp / sum between them a vectorised
+// loop. The gemms are FMA kernels of its own on AVX-512 (D a multiple of 64: K^T packed once per key
+// tile, 6 x 64 register blocks, the scale and the row max folded into S's stores), else BLAS gemms
+// (at::mm_out on blob views: MKL on x86). K/V tiles are rotated and converted to fp32 as they are
+// packed; fp32 Q/K without RoPE are read in place.
 // Backward: one task per (segment, head): Q, K (rotated), V, dO packed once into fp32, then the
 // FlashAttention-2 recurrences per (key tile, query tile); dQ accumulates in a task-local buffer, so
 // no atomics and a deterministic result. dQ and dK are rotated back (the adjoint) as they are stored.
@@ -192,6 +194,19 @@ DF_MULTIVERSION float exp_shift_sum(float* s, int64_t n, float shift) {
 float scale_and_max(float* s, int64_t n, float scale);
 float exp_shift_sum_row(float* s, int64_t n, float shift);
 void scaled_exp_row(float* s, int64_t n, float scale, float shift);
+
+// The fp32 forward's gemms on AVX-512 FMAs of its own (defined with the vector helpers below), where
+// fp32_kernels(D): S [M, N] (row stride lds) = scale * Q [M, D] (row stride ldq) K^T, each product
+// rounded (scale_and_max's scores), from K^T packed by pack_k_transposed, with each row's max in
+// row_max [M]; O [M, D] (row stride ldo) += P [M, N] (row stride ldp) V [N, D] (row stride ldv). MKL's sgemm packs both operands on every call (~11% of the forward); here K^T is packed once
+// per key tile, and P and V are read where they lie.
+bool fp32_kernels(int64_t D);
+int64_t packed_kt_ld(int64_t N);  // row stride of packed K^T: N rounded up to 64 (zeros past N)
+void pack_k_transposed(const float* k, int64_t ldk, int64_t N, int64_t D, float* kt);
+void scores_fp32(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D, float scale, float* s,
+                 int64_t lds, float* row_max);
+void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t M, const float* v, int64_t ldv, int64_t N, int64_t D,
+                        float* o, int64_t ldo);
 
 // dS = P * (dP - delta), into dp.
 DF_MULTIVERSION void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
@@ -428,7 +443,7 @@ std::vector<Task> backward_tasks(const Problem& p, const std::vector<std::pair<i
 // Forward
 // ------------------------------------------------------------------------------------------------
 struct FwdState {
-  Buffer<float> q, k, v, s, o, m, l;
+  Buffer<float> q, k, v, kt, s, o, m, l, tile_max;
   RopeTables rope;
 };
 
@@ -445,16 +460,28 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
   const bool kv_in_place = std::is_same<scalar_t, float>::value;
   const bool k_in_place = kv_in_place && !p.has_rope;
 
+  const bool own = fp32_kernels(D);  // K^T packed and the gemms on AVX-512 (MKL otherwise)
   std::vector<Task> tasks = forward_tasks(p, segs);
   run_tasks<FwdState>(tasks, [&](const Task& task, FwdState& st) {
     const int64_t start = segs[task.seg].first, end = segs[task.seg].second, h = task.head, R = task.rows;
     st.q.resize(R * D); st.k.resize(kBlockK * D); st.v.resize(kBlockK * D);
+    if (own) {
+      st.kt.resize(D * packed_kt_ld(kBlockK));
+      st.tile_max.resize(kBlockQ);
+    }
     st.s.resize(kBlockQ * kLdS); st.o.assign(R * D, 0.f);
     st.m.assign(R, -std::numeric_limits<float>::infinity()); st.l.assign(R, 0.f);
     const RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
     // the scale multiplies the finished dot products (as the reference's SDPA does), not Q: a huge
     // softmax_scale then overflows exactly where the reference's scores do
-    pack_rows(qp, sq, h, task.row0, R, D, st.q.data(), 1.f, rope, start, p.num_prefix_tokens);
+    const float* qrows = st.q.data();
+    int64_t ldq = D;
+    if (own && k_in_place) {  // fp32 without RoPE: the own kernel reads Q where it lies
+      qrows = reinterpret_cast<const float*>(qp) + task.row0 * sq.t + h * sq.h;
+      ldq = sq.t;
+    } else {
+      pack_rows(qp, sq, h, task.row0, R, D, st.q.data(), 1.f, rope, start, p.num_prefix_tokens);
+    }
     float* S = st.s.data();
     for (int64_t k0 = start; k0 < end; k0 += kBlockK) {
       const int64_t N = std::min(kBlockK, end - k0);
@@ -468,7 +495,8 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         pack_rows(kp, sk, h, k0, N, D, st.k.data(), 1.f, rope, start, p.num_prefix_tokens);
         kt = st.k.data();
       }
-      if (kv_in_place) {
+      if (own) pack_k_transposed(kt, ldk, N, D, st.kt.data());
+      if (kv_in_place && !own) {  // the own kernel reads V rows in order: packed, they are not a page apart
         vt = reinterpret_cast<const float*>(vp) + k0 * sv.t + h * sv.h;
         ldv = sv.t;
       } else {
@@ -480,16 +508,22 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         float* o = st.o.data() + b0 * D;
         float* m = st.m.data() + b0;
         float* l = st.l.data() + b0;
-        gemm(false, true, M, N, D, 1.f, st.q.data() + b0 * D, D, kt, ldk, 0.f, S, kLdS);  // S = Q K^T
+        if (own)
+          scores_fp32(qrows + b0 * ldq, ldq, M, st.kt.data(), N, D, p.scale, S, kLdS, st.tile_max.data());
+        else
+          gemm(false, true, M, N, D, 1.f, qrows + b0 * ldq, ldq, kt, ldk, 0.f, S, kLdS);  // S = Q K^T
         for (int64_t r = 0; r < M; ++r) {  // online softmax on the scores scale * S
           float* srow = S + r * kLdS;
-          const float m_new = std::max(m[r], scale_and_max(srow, N, p.scale));
+          const float m_new = std::max(m[r], own ? st.tile_max[r] : scale_and_max(srow, N, p.scale));
           const float alpha = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
           l[r] = l[r] * alpha + exp_shift_sum_row(srow, N, m_new);
           if (alpha != 1.f) scale_row(o + r * D, D, alpha);
           m[r] = m_new;
         }
-        gemm(false, false, M, D, N, 1.f, S, kLdS, vt, ldv, 1.f, o, D);  // O += P V
+        if (own)
+          accumulate_pv_fp32(S, kLdS, M, vt, ldv, N, D, o, D);
+        else
+          gemm(false, false, M, D, N, 1.f, S, kLdS, vt, ldv, 1.f, o, D);  // O += P V
       }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -810,8 +844,19 @@ DF_AVX512 float scale_max_avx512(float* s, int64_t n, float scale) {
 template <bool kScaled>
 DF_AVX512 float exp_rows_avx512(float* s, int64_t n, float scale, float shift) {
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
+  __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {  // two independent sums; the tail below masked
+    const __m512 x0 = _mm512_loadu_ps(s + j), x1 = _mm512_loadu_ps(s + j + 16);
+    const __m512 e0 = exp16(_mm512_sub_ps(kScaled ? mul_rounded(x0, sc) : x0, sh));
+    const __m512 e1 = exp16(_mm512_sub_ps(kScaled ? mul_rounded(x1, sc) : x1, sh));
+    _mm512_storeu_ps(s + j, e0);
+    _mm512_storeu_ps(s + j + 16, e1);
+    sum = _mm512_add_ps(sum, e0);
+    sum2 = _mm512_add_ps(sum2, e1);
+  }
+  sum = _mm512_add_ps(sum, sum2);
+  for (; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
     const __m512 x = _mm512_maskz_loadu_ps(m, s + j);
     const __m512 e = exp16(_mm512_sub_ps(kScaled ? mul_rounded(x, sc) : x, sh));
@@ -893,6 +938,128 @@ void scaled_exp_row(float* s, int64_t n, float scale, float shift) {
   scale_row(s, n, scale);
   exp_shift_sum(s, n, shift);
 }
+
+#ifdef DF_HAVE_AVX512_PATH
+// Register blocks of the fp32 kernels: kRows rows x kVecs 16-wide vectors of columns (24
+// accumulators of the 32 registers; each step broadcasts kRows values and loads kVecs vectors).
+constexpr int kFp32Rows = 6, kFp32Vecs = 4, kFp32Cols = 16 * kFp32Vecs;
+
+// S rows [kRows] x kFp32Cols columns from Q rows (broadcast one dim at a time) and a packed K^T row.
+// The finished dot products are multiplied by the scale (rounded, as the reference's scores) and
+// each row's valid columns (valid[]) folded into its 16 running maxima, max16[r].
+template <int kRows>
+DF_AVX512 inline void scores_block(const float* q, int64_t ldq, const float* kt, int64_t ldkt, int64_t D, float scale,
+                                   const __mmask16* valid, float* s, int64_t lds, float* max16) {
+  __m512 acc[kRows][kFp32Vecs];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kFp32Vecs; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 b[kFp32Vecs];
+    for (int c = 0; c < kFp32Vecs; ++c) b[c] = _mm512_loadu_ps(kt + d * ldkt + 16 * c);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 a = _mm512_set1_ps(q[r * ldq + d]);
+      for (int c = 0; c < kFp32Vecs; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < kRows; ++r) {
+    __m512 mx = _mm512_loadu_ps(max16 + 16 * r);
+    for (int c = 0; c < kFp32Vecs; ++c) {
+      const __m512 y = mul_rounded(acc[r][c], sc);
+      _mm512_storeu_ps(s + r * lds + 16 * c, y);
+      mx = _mm512_mask_max_ps(mx, valid[c], mx, y);
+    }
+    _mm512_storeu_ps(max16 + 16 * r, mx);
+  }
+}
+
+// O rows [kRows] x kFp32Cols columns += P rows (broadcast one key at a time) x a V row.
+template <int kRows>
+DF_AVX512 inline void pv_block(const float* p, int64_t ldp, int64_t N, const float* v, int64_t ldv, float* o,
+                               int64_t ldo) {
+  __m512 acc[kRows][kFp32Vecs];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kFp32Vecs; ++c) acc[r][c] = _mm512_loadu_ps(o + r * ldo + 16 * c);
+  for (int64_t j = 0; j < N; ++j) {
+    __m512 b[kFp32Vecs];
+    for (int c = 0; c < kFp32Vecs; ++c) b[c] = _mm512_loadu_ps(v + j * ldv + 16 * c);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 a = _mm512_set1_ps(p[r * ldp + j]);
+      for (int c = 0; c < kFp32Vecs; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kFp32Vecs; ++c) _mm512_storeu_ps(o + r * ldo + 16 * c, acc[r][c]);
+}
+
+// block<rows>(args...) for rows = min(kFp32Rows, rest) <= 6, the row count a compile-time constant.
+#define DF_FP32_ROW_BLOCK(block, rows, ...)                 \
+  switch (rows) {                                           \
+    case 6: block<6>(__VA_ARGS__); break;                   \
+    case 5: block<5>(__VA_ARGS__); break;                   \
+    case 4: block<4>(__VA_ARGS__); break;                   \
+    case 3: block<3>(__VA_ARGS__); break;                   \
+    case 2: block<2>(__VA_ARGS__); break;                   \
+    default: block<1>(__VA_ARGS__); break;                  \
+  }
+
+DF_AVX512 void scores_fp32_avx512(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D,
+                                  float scale, float* s, int64_t lds, float* row_max) {
+  const int64_t ldkt = packed_kt_ld(N);
+  Buffer<float> max16(M * 16, -std::numeric_limits<float>::infinity());
+  for (int64_t j0 = 0; j0 < N; j0 += kFp32Cols) {  // one strip of K^T (16 KB at D 64) against every row
+    __mmask16 valid[kFp32Vecs];
+    for (int c = 0; c < kFp32Vecs; ++c) valid[c] = tail_mask(std::max<int64_t>(0, N - j0 - 16 * c));
+    for (int64_t r0 = 0; r0 < M; r0 += kFp32Rows) {
+      DF_FP32_ROW_BLOCK(scores_block, std::min<int64_t>(kFp32Rows, M - r0), q + r0 * ldq, ldq, kt + j0, ldkt, D,
+                        scale, valid, s + r0 * lds + j0, lds, max16.data() + 16 * r0)
+    }
+  }
+  for (int64_t r = 0; r < M; ++r) row_max[r] = _mm512_reduce_max_ps(_mm512_loadu_ps(max16.data() + 16 * r));
+}
+
+DF_AVX512 void accumulate_pv_fp32_avx512(const float* p, int64_t ldp, int64_t M, const float* v, int64_t ldv, int64_t N,
+                                         int64_t D, float* o, int64_t ldo) {
+  for (int64_t r0 = 0; r0 < M; r0 += kFp32Rows)
+    for (int64_t c0 = 0; c0 < D; c0 += kFp32Cols) {
+      DF_FP32_ROW_BLOCK(pv_block, std::min<int64_t>(kFp32Rows, M - r0), p + r0 * ldp, ldp, N, v + c0, ldv,
+                        o + r0 * ldo + c0, ldo)
+    }
+}
+#endif
+
+int64_t packed_kt_ld(int64_t N) { return round_up(N, 64); }
+
+#ifdef DF_HAVE_AVX512_PATH
+bool fp32_kernels(int64_t D) {
+  return D % 64 == 0 && std::getenv("DINOFAST_CPU_ISA") == nullptr && cpu_has_avx512();
+}
+
+// K^T [D][packed_kt_ld(N)] from K rows [N][D] (row stride ldk), in 16 x 16 transposes.
+void pack_k_transposed(const float* k, int64_t ldk, int64_t N, int64_t D, float* kt) {
+  const int64_t ldkt = packed_kt_ld(N);
+  for (int64_t j0 = 0; j0 < ldkt; j0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16)
+      transpose_block_avx512(reinterpret_cast<const uint32_t*>(k + j0 * ldk + d0), ldk,
+                             std::clamp<int64_t>(N - j0, 0, 16), std::min<int64_t>(16, D - d0),
+                             reinterpret_cast<uint32_t*>(kt + d0 * ldkt + j0), ldkt, /*full_rows=*/true);
+}
+
+void scores_fp32(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D, float scale, float* s,
+                 int64_t lds, float* row_max) {
+  scores_fp32_avx512(q, ldq, M, kt, N, D, scale, s, lds, row_max);
+}
+
+void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t M, const float* v, int64_t ldv, int64_t N, int64_t D,
+                        float* o, int64_t ldo) {
+  accumulate_pv_fp32_avx512(p, ldp, M, v, ldv, N, D, o, ldo);
+}
+#else
+bool fp32_kernels(int64_t) { return false; }  // the kernels below are never called then
+void pack_k_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
+void scores_fp32(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float, float*, int64_t, float*) {}
+void accumulate_pv_fp32(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
+#endif
 
 template <typename scalar_t>
 constexpr bool kIsBf16 = std::is_same<scalar_t, at::BFloat16>::value;

@@ -718,6 +718,27 @@ def test_cpu_bf16_takes_the_low_precision_gemms():
     assert_close(fp32, ref, torch.bfloat16)
 
 
+# fp32 on the cpp backend across the same tiles (256-query, 512-key; row tails off the 6-row blocks,
+# column tails off the 64-column strips, a 6-token image): with AVX-512 and D a multiple of 64, the
+# forward's gemms are its own FMA kernels; D 72 and DINOFAST_CPU_ISA=avx2 take MKL's sgemm.
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("D, rope", [(64, False), (64, True), (128, False), (72, True), (192, False)])
+def test_cpu_fp32_forward_across_tiles(isa, D, rope, monkeypatch):
+    reason = _backend.why_unavailable("cpp", "cpu")
+    if reason:
+        pytest.skip(reason=f"cpp on cpu: {reason}")
+    if isa != "native":
+        monkeypatch.setenv("DINOFAST_CPU_ISA", isa)
+    q, k, v, cu, spec, max_len = cpu_rope_case(CPU_TILE_GRIDS, D, torch.float32, seed=70 + D, rope=rope)
+    q, k, v = qkv_views(q, k, v)  # strided rows, as a fused qkv projection makes them
+    with dinofast.backend("cpp"):
+        out, lse = dinofast.varlen_attention_with_lse(q, k, v, cu, max_len, rope=spec)
+    rq, rk = rotated(q, k, cu, spec)
+    ref, ref_lse = varlen_attention_reference(rq.double(), rk.double(), v.double(), cu)
+    assert_close(out, ref)
+    assert_lse_close(lse, ref_lse)
+
+
 def test_cpu_bf16_forward_on_amx_tiles(monkeypatch):
     """Where the CPU has AMX, the bf16 forward (D a multiple of 32) runs on AMX tiles of its own by
     default: its probabilities are rounded against a lazily moved row shift, so its result is not
