@@ -8,8 +8,9 @@
 // (at::mm_out on blob views: MKL on x86). K/V tiles are rotated and converted to fp32 as they are
 // packed; fp32 Q/K without RoPE are read in place.
 // Backward: one task per (segment, head): Q, K (rotated), V, dO packed once into fp32, then the
-// FlashAttention-2 recurrences per (key tile, query tile); dQ accumulates in a task-local buffer, so
-// no atomics and a deterministic result. dQ and dK are rotated back (the adjoint) as they are stored.
+// FlashAttention-2 recurrences per (key tile, query tile), on the same FMA kernels where the forward
+// has them (backward_tiles_own); dQ accumulates in a task-local buffer, so no atomics and a
+// deterministic result. dQ and dK are rotated back (the adjoint) as they are stored.
 // Tasks are sorted by cost and handed out dynamically to the OpenMP threads (segments differ a lot).
 //
 // fp16/bf16 where oneDNN has a packed-B brgemm for the dtype (AMX: bf16 on Sapphire Rapids and
@@ -195,18 +196,19 @@ float scale_and_max(float* s, int64_t n, float scale);
 float exp_shift_sum_row(float* s, int64_t n, float shift);
 void scaled_exp_row(float* s, int64_t n, float scale, float shift);
 
-// The fp32 forward's gemms on AVX-512 FMAs of its own (defined with the vector helpers below), where
+// The fp32 gemms on AVX-512 FMAs of its own (defined with the vector helpers below), where
 // fp32_kernels(D): S [M, N] (row stride lds) = scale * Q [M, D] (row stride ldq) K^T, each product
 // rounded (scale_and_max's scores), from K^T packed by pack_k_transposed, with each row's max in
-// row_max [M]; O [M, D] (row stride ldo) += P [M, N] (row stride ldp) V [N, D] (row stride ldv). MKL's sgemm packs both operands on every call (~11% of the forward); here K^T is packed once
+// row_max [M] unless it is null; O [M, D] (row stride ldo) += P V, V [N, D] (row stride ldv), P's
+// element (r, j) at p[r * ldp + j * step] (step 1: P [M, N] row-major; ldp 1: P^T of a row-major P). MKL's sgemm packs both operands on every call (~11% of the forward); here K^T is packed once
 // per key tile, and P and V are read where they lie.
 bool fp32_kernels(int64_t D);
 int64_t packed_kt_ld(int64_t N);  // row stride of packed K^T: N rounded up to 64 (zeros past N)
 void pack_k_transposed(const float* k, int64_t ldk, int64_t N, int64_t D, float* kt);
 void scores_fp32(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D, float scale, float* s,
                  int64_t lds, float* row_max);
-void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t M, const float* v, int64_t ldv, int64_t N, int64_t D,
-                        float* o, int64_t ldo);
+void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t step, int64_t M, const float* v, int64_t ldv, int64_t N,
+                        int64_t D, float* o, int64_t ldo);
 
 // dS = P * (dP - delta), into dp.
 DF_MULTIVERSION void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
@@ -521,7 +523,7 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
           m[r] = m_new;
         }
         if (own)
-          accumulate_pv_fp32(S, kLdS, M, vt, ldv, N, D, o, D);
+          accumulate_pv_fp32(S, kLdS, 1, M, vt, ldv, N, D, o, D);
         else
           gemm(false, false, M, D, N, 1.f, S, kLdS, vt, ldv, 1.f, o, D);  // O += P V
       }
@@ -538,9 +540,41 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
 // Backward
 // ------------------------------------------------------------------------------------------------
 struct BwdState {
-  Buffer<float> q, k, v, dout, delta, dq, dk, dv, s, dp;
+  Buffer<float> q, k, v, dout, delta, dq, dk, dv, s, dp, kt, vt;
   RopeTables rope;
 };
+
+// The backward's tiles on the fp32 kernels of its own (fp32_kernels): per key tile, K^T and V^T
+// packed once; per (key tile, query tile) S = Q K^T, P = exp(scale S - lse), dV += P^T dO,
+// dP = dO V^T, dS = P (dP - delta), dK += dS^T Q, dQ += dS K, and dK, dQ take the softmax scale
+// once, at the end. st holds the packed rows (q, k, v, dout [L, D]), delta, and zeroed dq.
+void backward_tiles_own(BwdState& st, int64_t L, int64_t D, float scale, const float* lse_row) {
+  const int64_t B = kBlockBwd;
+  st.kt.resize(D * packed_kt_ld(B));
+  st.vt.resize(D * packed_kt_ld(B));
+  std::fill(st.dk.begin(), st.dk.end(), 0.f);
+  std::fill(st.dv.begin(), st.dv.end(), 0.f);
+  float *S = st.s.data(), *dP = st.dp.data();
+  for (int64_t k0 = 0; k0 < L; k0 += B) {
+    const int64_t N = std::min(B, L - k0);
+    pack_k_transposed(st.k.data() + k0 * D, D, N, D, st.kt.data());
+    pack_k_transposed(st.v.data() + k0 * D, D, N, D, st.vt.data());
+    for (int64_t q0 = 0; q0 < L; q0 += B) {
+      const int64_t M = std::min(B, L - q0);
+      const float* qt = st.q.data() + q0 * D;
+      const float* gt = st.dout.data() + q0 * D;
+      scores_fp32(qt, D, M, st.kt.data(), N, D, scale, S, kLdSBwd, nullptr);  // scale S, rounded
+      for (int64_t r = 0; r < M; ++r) exp_shift_sum_row(S + r * kLdSBwd, N, lse_row[q0 + r]);  // P
+      accumulate_pv_fp32(S, 1, kLdSBwd, N, gt, D, M, D, st.dv.data() + k0 * D, D);  // dV += P^T dO
+      scores_fp32(gt, D, M, st.vt.data(), N, D, 1.f, dP, kLdSBwd, nullptr);          // dP = dO V^T
+      for (int64_t r = 0; r < M; ++r) softmax_grad_row(S + r * kLdSBwd, dP + r * kLdSBwd, N, st.delta[q0 + r]);
+      accumulate_pv_fp32(dP, 1, kLdSBwd, N, qt, D, M, D, st.dk.data() + k0 * D, D);  // dK += dS^T Q
+      accumulate_pv_fp32(dP, kLdSBwd, 1, M, st.k.data() + k0 * D, D, N, D, st.dq.data() + q0 * D, D);  // dQ += dS K
+    }
+  }
+  scale_row(st.dk.data(), L * D, scale);
+  scale_row(st.dq.data(), L * D, scale);
+}
 
 template <typename scalar_t>
 void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -553,6 +587,7 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
   scalar_t *dqp = t.dq, *dkp = t.dk, *dvp = t.dv;
   const Strides sq = t.sq, sk = t.sk, sv = t.sv, sg = t.sg, so = t.so, sdq = t.sdq, sdk = t.sdk, sdv = t.sdv;
 
+  const bool own = fp32_kernels(D);  // the gemms on AVX-512 (MKL otherwise)
   std::vector<Task> tasks = backward_tasks(p, segs);
   run_tasks<BwdState>(tasks, [&](const Task& task, BwdState& st) {
     const int64_t start = task.row0, L = task.rows, h = task.head, P = p.num_prefix_tokens;
@@ -573,6 +608,9 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
     }
     const float* lse_row = lp + h * p.T + start;
     float *S = st.s.data(), *dP = st.dp.data();
+    if (own) {
+      backward_tiles_own(st, L, D, p.scale, lse_row);
+    } else {
     for (int64_t k0 = 0; k0 < L; k0 += B) {
       const int64_t N = std::min(B, L - k0);
       const float* kt = st.k.data() + k0 * D;
@@ -591,6 +629,7 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
         gemm(true, false, N, D, M, p.scale, dP, kLdSBwd, qt, D, q0 == 0 ? 0.f : 1.f, dkt, D);  // dK += dS^T Q
         gemm(false, false, M, D, N, p.scale, dP, kLdSBwd, kt, D, 1.f, st.dq.data() + q0 * D, D);  // dQ += dS K
       }
+    }
     }
     store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
     store_rows(dkp, sdk, h, start, L, D, st.dk.data(), rope, start, P);
@@ -963,20 +1002,22 @@ DF_AVX512 inline void scores_block(const float* q, int64_t ldq, const float* kt,
   }
   const __m512 sc = _mm512_set1_ps(scale);
   for (int r = 0; r < kRows; ++r) {
-    __m512 mx = _mm512_loadu_ps(max16 + 16 * r);
+    __m512 mx = _mm512_setzero_ps();
+    if (max16 != nullptr) mx = _mm512_loadu_ps(max16 + 16 * r);
     for (int c = 0; c < kFp32Vecs; ++c) {
       const __m512 y = mul_rounded(acc[r][c], sc);
       _mm512_storeu_ps(s + r * lds + 16 * c, y);
       mx = _mm512_mask_max_ps(mx, valid[c], mx, y);
     }
-    _mm512_storeu_ps(max16 + 16 * r, mx);
+    if (max16 != nullptr) _mm512_storeu_ps(max16 + 16 * r, mx);
   }
 }
 
-// O rows [kRows] x kFp32Cols columns += P rows (broadcast one key at a time) x a V row.
+// O rows [kRows] x kFp32Cols columns += P (element (r, j) at p[r * ldp + j * step]: P or, with
+// ldp 1 and step its row stride, P^T; broadcast one j at a time) x V row j.
 template <int kRows>
-DF_AVX512 inline void pv_block(const float* p, int64_t ldp, int64_t N, const float* v, int64_t ldv, float* o,
-                               int64_t ldo) {
+DF_AVX512 inline void pv_block(const float* p, int64_t ldp, int64_t step, int64_t N, const float* v, int64_t ldv,
+                               float* o, int64_t ldo) {
   __m512 acc[kRows][kFp32Vecs];
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < kFp32Vecs; ++c) acc[r][c] = _mm512_loadu_ps(o + r * ldo + 16 * c);
@@ -984,7 +1025,7 @@ DF_AVX512 inline void pv_block(const float* p, int64_t ldp, int64_t N, const flo
     __m512 b[kFp32Vecs];
     for (int c = 0; c < kFp32Vecs; ++c) b[c] = _mm512_loadu_ps(v + j * ldv + 16 * c);
     for (int r = 0; r < kRows; ++r) {
-      const __m512 a = _mm512_set1_ps(p[r * ldp + j]);
+      const __m512 a = _mm512_set1_ps(p[r * ldp + j * step]);
       for (int c = 0; c < kFp32Vecs; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
     }
   }
@@ -1006,23 +1047,24 @@ DF_AVX512 inline void pv_block(const float* p, int64_t ldp, int64_t N, const flo
 DF_AVX512 void scores_fp32_avx512(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D,
                                   float scale, float* s, int64_t lds, float* row_max) {
   const int64_t ldkt = packed_kt_ld(N);
-  Buffer<float> max16(M * 16, -std::numeric_limits<float>::infinity());
+  Buffer<float> max16(row_max != nullptr ? M * 16 : 0, -std::numeric_limits<float>::infinity());
   for (int64_t j0 = 0; j0 < N; j0 += kFp32Cols) {  // one strip of K^T (16 KB at D 64) against every row
     __mmask16 valid[kFp32Vecs];
     for (int c = 0; c < kFp32Vecs; ++c) valid[c] = tail_mask(std::max<int64_t>(0, N - j0 - 16 * c));
     for (int64_t r0 = 0; r0 < M; r0 += kFp32Rows) {
       DF_FP32_ROW_BLOCK(scores_block, std::min<int64_t>(kFp32Rows, M - r0), q + r0 * ldq, ldq, kt + j0, ldkt, D,
-                        scale, valid, s + r0 * lds + j0, lds, max16.data() + 16 * r0)
+                        scale, valid, s + r0 * lds + j0, lds, row_max != nullptr ? max16.data() + 16 * r0 : nullptr)
     }
   }
+  if (row_max == nullptr) return;
   for (int64_t r = 0; r < M; ++r) row_max[r] = _mm512_reduce_max_ps(_mm512_loadu_ps(max16.data() + 16 * r));
 }
 
-DF_AVX512 void accumulate_pv_fp32_avx512(const float* p, int64_t ldp, int64_t M, const float* v, int64_t ldv, int64_t N,
-                                         int64_t D, float* o, int64_t ldo) {
+DF_AVX512 void accumulate_pv_fp32_avx512(const float* p, int64_t ldp, int64_t step, int64_t M, const float* v,
+                                         int64_t ldv, int64_t N, int64_t D, float* o, int64_t ldo) {
   for (int64_t r0 = 0; r0 < M; r0 += kFp32Rows)
     for (int64_t c0 = 0; c0 < D; c0 += kFp32Cols) {
-      DF_FP32_ROW_BLOCK(pv_block, std::min<int64_t>(kFp32Rows, M - r0), p + r0 * ldp, ldp, N, v + c0, ldv,
+      DF_FP32_ROW_BLOCK(pv_block, std::min<int64_t>(kFp32Rows, M - r0), p + r0 * ldp, ldp, step, N, v + c0, ldv,
                         o + r0 * ldo + c0, ldo)
     }
 }
@@ -1050,15 +1092,16 @@ void scores_fp32(const float* q, int64_t ldq, int64_t M, const float* kt, int64_
   scores_fp32_avx512(q, ldq, M, kt, N, D, scale, s, lds, row_max);
 }
 
-void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t M, const float* v, int64_t ldv, int64_t N, int64_t D,
-                        float* o, int64_t ldo) {
-  accumulate_pv_fp32_avx512(p, ldp, M, v, ldv, N, D, o, ldo);
+void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t step, int64_t M, const float* v, int64_t ldv, int64_t N,
+                        int64_t D, float* o, int64_t ldo) {
+  accumulate_pv_fp32_avx512(p, ldp, step, M, v, ldv, N, D, o, ldo);
 }
 #else
 bool fp32_kernels(int64_t) { return false; }  // the kernels below are never called then
 void pack_k_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
 void scores_fp32(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float, float*, int64_t, float*) {}
-void accumulate_pv_fp32(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
+void accumulate_pv_fp32(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*,
+                        int64_t) {}
 #endif
 
 template <typename scalar_t>

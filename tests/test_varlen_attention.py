@@ -739,6 +739,32 @@ def test_cpu_fp32_forward_across_tiles(isa, D, rope, monkeypatch):
     assert_lse_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("D, rope", [(64, False), (64, True), (128, False), (72, False)])
+def test_cpu_fp32_gradients_across_tiles(isa, D, rope, monkeypatch):
+    """The fp32 backward across its 256-row tiles, on both gemm paths (own kernels: native with D a
+    multiple of 64; MKL: avx2 or D 72): error against fp64 within flash-attention's rule, against
+    PyTorch's own fp32 computation."""
+    reason = _backend.why_unavailable("cpp", "cpu")
+    if reason:
+        pytest.skip(reason=f"cpp on cpu: {reason}")
+    if isa != "native":
+        monkeypatch.setenv("DINOFAST_CPU_ISA", isa)
+    q, k, v, cu, spec, max_len = cpu_rope_case(CPU_TILE_GRIDS_BWD, D, torch.float32, seed=80 + D, rope=rope)
+    grad_out = randn(*q.shape, device="cpu", seed=89)
+    with dinofast.backend("cpp"):
+        got = _grads(lambda a, b, c: dinofast.varlen_attention(a, b, c, cu, max_len, rope=spec), (q, k, v), grad_out)
+    want = _grads(lambda a, b, c: varlen_attention_reference(a, b, c, cu, rope=spec)[0],
+                  (q.double(), k.double(), v.double()), grad_out.double())
+
+    def same_dtype_torch(a, b, c):
+        ra, rb = rotated(a, b, cu, spec)
+        return torch_attention_same_dtype(ra, rb, c, cu)
+
+    for g, w, b in zip(got, want, _grads(same_dtype_torch, (q, k, v), grad_out)):
+        assert_flash_rule(g, w, b)
+
+
 def test_cpu_bf16_forward_on_amx_tiles(monkeypatch):
     """Where the CPU has AMX, the bf16 forward (D a multiple of 32) runs on AMX tiles of its own by
     default: its probabilities are rounded against a lazily moved row shift, so its result is not
