@@ -38,6 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_version", [] { return std::string(DINOFAST_TORCH_VERSION); }, "torch it was built against.");
   m.def("cpu_bf16_attention_on_amx", &dinofast::varlen::cpu_bf16_forward_on_amx, pybind11::arg("head_dim"),
         "Whether the cpp varlen attention's bf16 forward runs on AMX tiles here.");
+  m.def("cpu_fp32_attention_own_kernels", &dinofast::varlen::cpu_fp32_on_own_kernels, pybind11::arg("head_dim"),
+        "Whether the cpp varlen attention's fp32 gemms run on its own AVX-512 kernels here.");
   m.def("with_cuda", [] {
 #ifdef DINOFAST_WITH_CUDA
     return true;

@@ -157,6 +157,8 @@ inline Problem check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const
 // Whether the CPU kernel's bf16 forward runs on AMX tiles of its own for head dim D (the CPU has
 // AMX-BF16, oneDNN is enabled, D is a multiple of 32, DINOFAST_CPU_ISA does not cap it).
 bool cpu_bf16_forward_on_amx(int64_t D);
+// Whether the CPU kernel's fp32 gemms are its own AVX-512 FMA kernels for head dim D (MKL otherwise).
+bool cpu_fp32_on_own_kernels(int64_t D);
 
 #ifdef DINOFAST_WITH_CUDA
 // Log-sum-exp layout conversions (varlen_attention_lse_cuda.cu) between the op's lse [H, T] and the

@@ -1742,6 +1742,7 @@ RopeInput rope_input(const Problem& p, const c10::optional<at::Tensor>& inv_freq
 }  // namespace
 
 bool cpu_bf16_forward_on_amx(int64_t D) { return use_low_precision_gemms(at::kBFloat16) && use_amx_tiles(D); }
+bool cpu_fp32_on_own_kernels(int64_t D) { return fp32_kernels(D); }
 
 namespace {
 

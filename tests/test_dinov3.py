@@ -23,13 +23,16 @@ def run(model, x, **kw):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_patched_equals_transformers(gated, size):
+def test_patched_equals_transformers(gated, size, monkeypatch):
     model = random_model(gated=gated, registers=4)
     x = images([size, size], seed=1)
     x = torch.stack(x)
     ref = run(model, x)
     assert dinofast.patch_dinov3(model) is model and is_patched(model)
+    attended = _packed_calls(monkeypatch)
     out = run(model, x)
+    # fp32 batches attend through the cpp kernel where its gemms are its own (else SDPA), per layer
+    assert len(attended) == (2 if _batched_through_cpp_expected(torch.float32) else 0)
     assert max_diff(out.last_hidden_state, ref.last_hidden_state) <= MODEL_ATOL
     assert max_diff(out.pooler_output, ref.pooler_output) <= MODEL_ATOL
     assert ref.last_hidden_state.abs().max() > 1.0  # outputs of order 1: the bound means something
@@ -101,7 +104,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradients_equal_transformers():
+def test_gradients_equal_transformers(monkeypatch):
     model = random_model(gated=True, pos_embed_shift=0.05).train()
     x = torch.stack(images([(48, 64)] * 2)).requires_grad_()
     w = torch.randn(2, 4 + 1 + 12, 128, generator=torch.Generator().manual_seed(9)).to(DEVICE)
@@ -115,7 +118,9 @@ def test_gradients_equal_transformers():
 
     ref, ref_x = step(3)
     dinofast.patch_dinov3(model)
+    attended = _packed_calls(monkeypatch)
     got, got_x = step(3)
+    assert len(attended) == (2 if _batched_through_cpp_expected(torch.float32) else 0)  # and its backward
     assert ref.keys() == got.keys() and len(ref) == len(list(model.parameters())) - 1  # all but mask_token
     for name in ref:
         scale = ref[name].abs().max().item()
@@ -490,9 +495,11 @@ def _packed_calls(monkeypatch):
     return calls
 
 
-def _bf16_batched_on_amx_expected(head_dim=64) -> bool:
-    """Whether a batch of bf16 images attends through the cpp kernel here (its forward on AMX tiles)."""
-    probe = getattr(dinofast._C, "cpu_bf16_attention_on_amx", None) if hasattr(dinofast, "_C") else None
+def _batched_through_cpp_expected(dtype=torch.bfloat16, head_dim=64) -> bool:
+    """Whether a batch of images attends through the cpp kernel here: bf16 where its forward runs on
+    AMX tiles, fp32 where its gemms are its own AVX-512 kernels."""
+    name = "cpu_bf16_attention_on_amx" if dtype == torch.bfloat16 else "cpu_fp32_attention_own_kernels"
+    probe = getattr(dinofast._C, name, None) if hasattr(dinofast, "_C") else None
     return DEVICE.type == "cpu" and probe is not None and probe(head_dim)
 
 
@@ -539,7 +546,7 @@ def test_patched_bf16_within_flash_rule_of_transformers(gated, size, monkeypatch
     calls, attended = _onednn_calls(monkeypatch), _packed_calls(monkeypatch)
     got = run(patched, x.bfloat16())
     assert len(calls) == (4 if _bf16_onednn_expected() else 0)
-    assert len(attended) == (2 if _bf16_batched_on_amx_expected() else 0)
+    assert len(attended) == (2 if _batched_through_cpp_expected() else 0)
     ref = run(oracle, x.double())
     base = run(plain, x.bfloat16())
     assert ref.last_hidden_state.abs().max() > 1.0
@@ -551,7 +558,7 @@ def test_patched_bf16_gradients_on_amx_attention_within_flash_rule(monkeypatch):
     """Training a patched bf16 model on a batch (train mode, no dropout): where attention goes through
     the cpp kernel (AMX), the input gradient is at most twice as far from fp64's as transformers' bf16
     one; DINOFAST_CPU_ISA=avx512 sends the same batch through SDPA, which must pass too."""
-    if not _bf16_batched_on_amx_expected():
+    if not _batched_through_cpp_expected():
         pytest.skip(reason="needs a CPU where the cpp bf16 attention forward runs on AMX tiles")
     plain, patched, oracle = _bf16_models(gated=False, layers=2)
     for m in (plain, patched, oracle):

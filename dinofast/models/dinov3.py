@@ -143,18 +143,21 @@ def _attend_batched(q: Tensor, k: Tensor, v: Tensor, plan: _BatchedPlan, num_pre
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
-def _batched_on_amx(x: Tensor, head_dim: int, dropout_p: float) -> bool:
+def _batched_through_cpp(x: Tensor, head_dim: int, dropout_p: float) -> bool:
     """Whether a batch of same-size images attends through varlen_attention (one segment per image)
-    instead of SDPA: bf16 on a CPU where the cpp kernel's forward runs on AMX tiles (1.2-1.7x torch's
-    bf16 SDPA from 224 to 1024 px, benchmarks/README.md), no dropout, no other backend forced.
+    instead of SDPA, on a CPU where the cpp kernel beats torch's SDPA: bf16 where its forward runs on
+    AMX tiles (1.2-1.7x torch's bf16 SDPA from 224 to 1024 px), fp32 where its gemms are its own
+    AVX-512 kernels (1.16x torch's fp32 SDPA for one 768 px image with RoPE fused; 1.3x forward and
+    backward on a 4-image mix; benchmarks/README.md). No dropout, no other backend forced.
     Compiled and exported models keep SDPA: the probe and the backend choice are not traceable."""
     if torch.compiler.is_compiling():  # first: the rest is not traceable
         return False
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or dropout_p != 0.0:
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or dropout_p != 0.0:
         return False
     if forced_backend() not in (None, "cpp") or why_unavailable("cpp", "cpu") is not None:
         return False
-    probe = getattr(load_C(), "cpu_bf16_attention_on_amx", None)  # absent from an older build
+    name = "cpu_bf16_attention_on_amx" if x.dtype == torch.bfloat16 else "cpu_fp32_attention_own_kernels"
+    probe = getattr(load_C(), name, None)  # absent from an older build
     return probe is not None and bool(probe(head_dim))
 
 
@@ -298,7 +301,7 @@ def _attention_heads(attn, hidden_states: Tensor, plan: Union[_BatchedPlan, _Pac
         B, N = hidden_states.shape[:2]
         P = N - plan.hp * plan.wp  # CLS + registers, as transformers infers it
         dropout_p = attn.dropout if attn.training else 0.0
-        if _batched_on_amx(q, attn.head_dim, dropout_p):  # [B, N, H, D] views -> [B * N, H, D] views
+        if _batched_through_cpp(q, attn.head_dim, dropout_p):  # [B, N, H, D] views -> [B * N, H, D] views
             twin = _packed_twin(plan, B, P, q.device)
             out = _attend_packed(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), twin, attn.scaling)
             out = out.unflatten(0, (B, N))
