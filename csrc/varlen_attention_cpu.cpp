@@ -544,10 +544,35 @@ struct BwdState {
   RopeTables rope;
 };
 
-// The backward's tiles on the fp32 kernels of its own (fp32_kernels): per key tile, K^T and V^T
-// packed once; per (key tile, query tile) S = Q K^T, P = exp(scale S - lse), dV += P^T dO,
-// dP = dO V^T, dS = P (dP - delta), dK += dS^T Q, dQ += dS K, and dK, dQ take the softmax scale
-// once, at the end. st holds the packed rows (q, k, v, dout [L, D]), delta, and zeroed dq.
+// The backward's tiles through BLAS gemms: per (key tile, query tile) S = Q K^T, P = exp(scale S -
+// lse), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += scale dS^T Q, dQ += scale dS K.
+// st holds the packed rows (q, k, v, dout [L, D]), delta, and zeroed dq.
+void backward_tiles_blas(BwdState& st, int64_t L, int64_t D, float scale, const float* lse_row) {
+  const int64_t B = kBlockBwd;
+  float *S = st.s.data(), *dP = st.dp.data();
+  for (int64_t k0 = 0; k0 < L; k0 += B) {
+    const int64_t N = std::min(B, L - k0);
+    const float* kt = st.k.data() + k0 * D;
+    const float* vt = st.v.data() + k0 * D;
+    float* dkt = st.dk.data() + k0 * D;
+    float* dvt = st.dv.data() + k0 * D;
+    for (int64_t q0 = 0; q0 < L; q0 += B) {
+      const int64_t M = std::min(B, L - q0);
+      const float* qt = st.q.data() + q0 * D;
+      const float* gt = st.dout.data() + q0 * D;
+      gemm(false, true, M, N, D, 1.f, qt, D, kt, D, 0.f, S, kLdSBwd);  // S = Q K^T
+      for (int64_t r = 0; r < M; ++r) scaled_exp_row(S + r * kLdSBwd, N, scale, lse_row[q0 + r]);  // P
+      gemm(true, false, N, D, M, 1.f, S, kLdSBwd, gt, D, q0 == 0 ? 0.f : 1.f, dvt, D);  // dV += P^T dO
+      gemm(false, true, M, N, D, 1.f, gt, D, vt, D, 0.f, dP, kLdSBwd);              // dP = dO V^T
+      for (int64_t r = 0; r < M; ++r) softmax_grad_row(S + r * kLdSBwd, dP + r * kLdSBwd, N, st.delta[q0 + r]);
+      gemm(true, false, N, D, M, scale, dP, kLdSBwd, qt, D, q0 == 0 ? 0.f : 1.f, dkt, D);  // dK += dS^T Q
+      gemm(false, false, M, D, N, scale, dP, kLdSBwd, kt, D, 1.f, st.dq.data() + q0 * D, D);  // dQ += dS K
+    }
+  }
+}
+
+// The same tiles on the fp32 kernels of its own (fp32_kernels): per key tile, K^T and V^T
+// packed once, and dK, dQ take the softmax scale once, at the end.
 void backward_tiles_own(BwdState& st, int64_t L, int64_t D, float scale, const float* lse_row) {
   const int64_t B = kBlockBwd;
   st.kt.resize(D * packed_kt_ld(B));
@@ -580,7 +605,7 @@ template <typename scalar_t>
 void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
                   at::Tensor& dv, const std::vector<std::pair<int64_t, int64_t>>& segs, const RopeInput& ri) {
-  const int64_t D = p.D, B = kBlockBwd;
+  const int64_t D = p.D;
   const BwdPointers<scalar_t> t(dout, q, k, v, out, lse, dq, dk, dv);
   const scalar_t *qp = t.q, *kp = t.k, *vp = t.v, *gp = t.dout, *op = t.out;
   const float* lp = t.lse;
@@ -593,7 +618,7 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
     const int64_t start = task.row0, L = task.rows, h = task.head, P = p.num_prefix_tokens;
     for (auto* buf : {&st.q, &st.k, &st.v, &st.dout, &st.dk, &st.dv}) buf->resize(L * D);
     st.dq.assign(L * D, 0.f);
-    st.delta.resize(L); st.s.resize(B * kLdSBwd); st.dp.resize(B * kLdSBwd);
+    st.delta.resize(L); st.s.resize(kBlockBwd * kLdSBwd); st.dp.resize(kBlockBwd * kLdSBwd);
     RopeTables* rope = tables_for(st.rope, p, ri, task.seg);
     pack_rows(qp, sq, h, start, L, D, st.q.data(), 1.f, rope, start, P);
     pack_rows(kp, sk, h, start, L, D, st.k.data(), 1.f, rope, start, P);
@@ -607,30 +632,10 @@ void backward_cpu(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
       st.delta[r] = acc;
     }
     const float* lse_row = lp + h * p.T + start;
-    float *S = st.s.data(), *dP = st.dp.data();
-    if (own) {
+    if (own)
       backward_tiles_own(st, L, D, p.scale, lse_row);
-    } else {
-    for (int64_t k0 = 0; k0 < L; k0 += B) {
-      const int64_t N = std::min(B, L - k0);
-      const float* kt = st.k.data() + k0 * D;
-      const float* vt = st.v.data() + k0 * D;
-      float* dkt = st.dk.data() + k0 * D;
-      float* dvt = st.dv.data() + k0 * D;
-      for (int64_t q0 = 0; q0 < L; q0 += B) {
-        const int64_t M = std::min(B, L - q0);
-        const float* qt = st.q.data() + q0 * D;
-        const float* gt = st.dout.data() + q0 * D;
-        gemm(false, true, M, N, D, 1.f, qt, D, kt, D, 0.f, S, kLdSBwd);  // S = Q K^T
-        for (int64_t r = 0; r < M; ++r) scaled_exp_row(S + r * kLdSBwd, N, p.scale, lse_row[q0 + r]);  // P
-        gemm(true, false, N, D, M, 1.f, S, kLdSBwd, gt, D, q0 == 0 ? 0.f : 1.f, dvt, D);  // dV += P^T dO
-        gemm(false, true, M, N, D, 1.f, gt, D, vt, D, 0.f, dP, kLdSBwd);              // dP = dO V^T
-        for (int64_t r = 0; r < M; ++r) softmax_grad_row(S + r * kLdSBwd, dP + r * kLdSBwd, N, st.delta[q0 + r]);
-        gemm(true, false, N, D, M, p.scale, dP, kLdSBwd, qt, D, q0 == 0 ? 0.f : 1.f, dkt, D);  // dK += dS^T Q
-        gemm(false, false, M, D, N, p.scale, dP, kLdSBwd, kt, D, 1.f, st.dq.data() + q0 * D, D);  // dQ += dS K
-      }
-    }
-    }
+    else
+      backward_tiles_blas(st, L, D, p.scale, lse_row);
     store_rows(dqp, sdq, h, start, L, D, st.dq.data(), rope, start, P);
     store_rows(dkp, sdk, h, start, L, D, st.dk.data(), rope, start, P);
     store_rows(dvp, sdv, h, start, L, D, st.dv.data(), nullptr, start, 0);
