@@ -721,14 +721,20 @@ def test_cpu_bf16_takes_the_low_precision_gemms():
 # fp32 on the cpp backend across the same tiles (256-query, 512-key; row tails off the 6-row blocks,
 # column tails off the 64-column strips, a 6-token image): with AVX-512 and D a multiple of 64, the
 # forward's gemms are its own FMA kernels; D 72 and DINOFAST_CPU_ISA=avx2 take MKL's sgemm.
-@pytest.mark.parametrize("isa", ["native", "avx2"])
-@pytest.mark.parametrize("D, rope", [(64, False), (64, True), (128, False), (72, True), (192, False)])
-def test_cpu_fp32_forward_across_tiles(isa, D, rope, monkeypatch):
+@pytest.fixture(params=["native", "avx2"])
+def cpu_fp32_path(request, monkeypatch):
+    """The cpp backend's fp32 gemms: "native" (its own FMA kernels where the CPU has AVX-512 and D is
+    a multiple of 64) or DINOFAST_CPU_ISA=avx2 (MKL's sgemm)."""
     reason = _backend.why_unavailable("cpp", "cpu")
     if reason:
         pytest.skip(reason=f"cpp on cpu: {reason}")
-    if isa != "native":
-        monkeypatch.setenv("DINOFAST_CPU_ISA", isa)
+    if request.param != "native":
+        monkeypatch.setenv("DINOFAST_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("D, rope", [(64, False), (64, True), (128, False), (72, True), (192, False)])
+def test_cpu_fp32_forward_across_tiles(cpu_fp32_path, D, rope):
     q, k, v, cu, spec, max_len = cpu_rope_case(CPU_TILE_GRIDS, D, torch.float32, seed=70 + D, rope=rope)
     q, k, v = qkv_views(q, k, v)  # strided rows, as a fused qkv projection makes them
     with dinofast.backend("cpp"):
@@ -739,17 +745,11 @@ def test_cpu_fp32_forward_across_tiles(isa, D, rope, monkeypatch):
     assert_lse_close(lse, ref_lse)
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("D, rope", [(64, False), (64, True), (128, False), (72, False)])
-def test_cpu_fp32_gradients_across_tiles(isa, D, rope, monkeypatch):
+def test_cpu_fp32_gradients_across_tiles(cpu_fp32_path, D, rope):
     """The fp32 backward across its 256-row tiles, on both gemm paths (own kernels: native with D a
     multiple of 64; MKL: avx2 or D 72): error against fp64 within flash-attention's rule, against
     PyTorch's own fp32 computation."""
-    reason = _backend.why_unavailable("cpp", "cpu")
-    if reason:
-        pytest.skip(reason=f"cpp on cpu: {reason}")
-    if isa != "native":
-        monkeypatch.setenv("DINOFAST_CPU_ISA", isa)
     q, k, v, cu, spec, max_len = cpu_rope_case(CPU_TILE_GRIDS_BWD, D, torch.float32, seed=80 + D, rope=rope)
     grad_out = randn(*q.shape, device="cpu", seed=89)
     with dinofast.backend("cpp"):
