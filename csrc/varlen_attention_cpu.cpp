@@ -198,13 +198,14 @@ void scaled_exp_row(float* s, int64_t n, float scale, float shift);
 
 // The fp32 gemms on AVX-512 FMAs of its own (defined with the vector helpers below), where
 // fp32_kernels(D): S [M, N] (row stride lds) = scale * Q [M, D] (row stride ldq) K^T, each product
-// rounded (scale_and_max's scores), from K^T packed by pack_k_transposed, with each row's max in
+// rounded (scale_and_max's scores), from K^T packed by pack_transposed, with each row's max in
 // row_max [M] unless it is null; O [M, D] (row stride ldo) += P V, V [N, D] (row stride ldv), P's
-// element (r, j) at p[r * ldp + j * step] (step 1: P [M, N] row-major; ldp 1: P^T of a row-major P). MKL's sgemm packs both operands on every call (~11% of the forward); here K^T is packed once
+// element (r, j) at p[r * ldp + j * step] (step 1: P [M, N] row-major; ldp 1: P^T of a row-major
+// P). MKL's sgemm packs both operands on every call (~11% of the forward); here K^T is packed once
 // per key tile, and P and V are read where they lie.
 bool fp32_kernels(int64_t D);
 int64_t packed_kt_ld(int64_t N);  // row stride of packed K^T: N rounded up to 64 (zeros past N)
-void pack_k_transposed(const float* k, int64_t ldk, int64_t N, int64_t D, float* kt);
+void pack_transposed(const float* x, int64_t ldx, int64_t N, int64_t D, float* xt);  // X^T (K^T, V^T)
 void scores_fp32(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D, float scale, float* s,
                  int64_t lds, float* row_max);
 void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t step, int64_t M, const float* v, int64_t ldv, int64_t N,
@@ -497,7 +498,7 @@ void forward_cpu(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
         pack_rows(kp, sk, h, k0, N, D, st.k.data(), 1.f, rope, start, p.num_prefix_tokens);
         kt = st.k.data();
       }
-      if (own) pack_k_transposed(kt, ldk, N, D, st.kt.data());
+      if (own) pack_transposed(kt, ldk, N, D, st.kt.data());
       if (kv_in_place && !own) {  // the own kernel reads V rows in order: packed, they are not a page apart
         vt = reinterpret_cast<const float*>(vp) + k0 * sv.t + h * sv.h;
         ldv = sv.t;
@@ -582,8 +583,8 @@ void backward_tiles_own(BwdState& st, int64_t L, int64_t D, float scale, const f
   float *S = st.s.data(), *dP = st.dp.data();
   for (int64_t k0 = 0; k0 < L; k0 += B) {
     const int64_t N = std::min(B, L - k0);
-    pack_k_transposed(st.k.data() + k0 * D, D, N, D, st.kt.data());
-    pack_k_transposed(st.v.data() + k0 * D, D, N, D, st.vt.data());
+    pack_transposed(st.k.data() + k0 * D, D, N, D, st.kt.data());
+    pack_transposed(st.v.data() + k0 * D, D, N, D, st.vt.data());
     for (int64_t q0 = 0; q0 < L; q0 += B) {
       const int64_t M = std::min(B, L - q0);
       const float* qt = st.q.data() + q0 * D;
@@ -1052,7 +1053,8 @@ DF_AVX512 inline void pv_block(const float* p, int64_t ldp, int64_t step, int64_
 DF_AVX512 void scores_fp32_avx512(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D,
                                   float scale, float* s, int64_t lds, float* row_max) {
   const int64_t ldkt = packed_kt_ld(N);
-  Buffer<float> max16(row_max != nullptr ? M * 16 : 0, -std::numeric_limits<float>::infinity());
+  thread_local Buffer<float> max16;  // 16 running maxima per row: one horizontal max per row at the end
+  if (row_max != nullptr) max16.assign(M * 16, -std::numeric_limits<float>::infinity());
   for (int64_t j0 = 0; j0 < N; j0 += kFp32Cols) {  // one strip of K^T (16 KB at D 64) against every row
     __mmask16 valid[kFp32Vecs];
     for (int c = 0; c < kFp32Vecs; ++c) valid[c] = tail_mask(std::max<int64_t>(0, N - j0 - 16 * c));
@@ -1082,14 +1084,14 @@ bool fp32_kernels(int64_t D) {
   return D % 64 == 0 && std::getenv("DINOFAST_CPU_ISA") == nullptr && cpu_has_avx512();
 }
 
-// K^T [D][packed_kt_ld(N)] from K rows [N][D] (row stride ldk), in 16 x 16 transposes.
-void pack_k_transposed(const float* k, int64_t ldk, int64_t N, int64_t D, float* kt) {
+// X^T [D][packed_kt_ld(N)] from rows X [N][D] (row stride ldx), in 16 x 16 transposes.
+void pack_transposed(const float* x, int64_t ldx, int64_t N, int64_t D, float* xt) {
   const int64_t ldkt = packed_kt_ld(N);
   for (int64_t j0 = 0; j0 < ldkt; j0 += 16)
     for (int64_t d0 = 0; d0 < D; d0 += 16)
-      transpose_block_avx512(reinterpret_cast<const uint32_t*>(k + j0 * ldk + d0), ldk,
+      transpose_block_avx512(reinterpret_cast<const uint32_t*>(x + j0 * ldx + d0), ldx,
                              std::clamp<int64_t>(N - j0, 0, 16), std::min<int64_t>(16, D - d0),
-                             reinterpret_cast<uint32_t*>(kt + d0 * ldkt + j0), ldkt, /*full_rows=*/true);
+                             reinterpret_cast<uint32_t*>(xt + d0 * ldkt + j0), ldkt, /*full_rows=*/true);
 }
 
 void scores_fp32(const float* q, int64_t ldq, int64_t M, const float* kt, int64_t N, int64_t D, float scale, float* s,
@@ -1103,7 +1105,7 @@ void accumulate_pv_fp32(const float* p, int64_t ldp, int64_t step, int64_t M, co
 }
 #else
 bool fp32_kernels(int64_t) { return false; }  // the kernels below are never called then
-void pack_k_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
+void pack_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
 void scores_fp32(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float, float*, int64_t, float*) {}
 void accumulate_pv_fp32(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*,
                         int64_t) {}

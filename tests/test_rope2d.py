@@ -105,7 +105,7 @@ def test_bf16_denormals_are_kept(kernel_backend, D, layout):
     of them beside a NaN, must match the fp64 reference to one denormal step. Not Triton on a CPU:
     its interpreter converts bf16 denormals wrongly on load (3e-39 reads as 3.7e-40)."""
     if kernel_backend == "triton" and DEVICE.type == "cpu":
-        pytest.skip("the Triton interpreter mis-converts bf16 denormals")
+        pytest.skip(reason="the Triton interpreter mis-converts bf16 denormals")
     q, k = batched_inputs(1, 3, (2, 4), 1, D, dtype=torch.float32, layout=layout, seed=21)
     q, k = ((x.clamp(-2.5, 2.5) * 4e-39).bfloat16() for x in (q, k))
     assert (q.float().abs() < 1.17e-38).all() and (q != 0).float().mean() > 0.9  # denormal inputs
