@@ -1251,33 +1251,45 @@ constexpr int64_t kAmxRows = 16, kAmxKeys = 64, kAmxChunk = 64;
   } while (0)
 #define DF_AMX_STORE(j, c, ldc_bytes) _tile_stored(j, (c) + 16 * j, (ldc_bytes))
 
-// 2^x for x <= 0 (or a little above): 2^x = 2^n 2^r with r = x - round(x) from vreduceps (r = 0
-// and n = x for x = -inf, so -inf gives 0 with no clamp; NaN stays NaN), 2^r by a degree-5
-// polynomial fitted for relative error on |r| <= 1/2 (within 2.4e-7 of 2^r, evaluated in fp32).
+// 2^x for x <= 0 (or a little above): 2^x = 2^floor(x) 2^r, r = x - floor(x) in [0, 1] from
+// vreduceps (rounding down), 2^r by a degree-4 polynomial fitted for relative error on [0, 1]
+// (within 2.7e-6 of 2^r in fp32, which keeps lse = m + log(l) at fp32 accuracy; a degree-3 fit,
+// 7.5e-5, would not), and vscalefps applying 2^floor(x) from x itself (it floors its exponent
+// argument): no separate round or subtract. -inf gives r = 0 and 2^-inf = 0 with no clamp; NaN
+// stays NaN; r rounding up to 1 (x just below an integer) still pairs with floor(x). The softmax is
+// bound by the vector units while the tiles wait for it: every op counted.
 DF_AMX inline __m512 exp2_16(__m512 x) {
-  static constexpr float kExp2R[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022120237350464f,
-                                      0.05550713464617729f, 0.009675541892647743f, 0.0013276470126584172f};
-  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_scalef_ps(poly5(r, kExp2R), _mm512_sub_ps(x, r));
+  static constexpr float kExp2R[5] = {1.0000026226043701f, 0.6930038332939148f, 0.24144276976585388f,
+                                      0.05201148986816406f, 0.013534137047827244f};
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 y = _mm512_set1_ps(kExp2R[4]);
+  for (int i = 3; i >= 0; --i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExp2R[i]));
+  return _mm512_scalef_ps(y, x);
 }
 
-// The online softmax of one row of a 16 x 64 block of dot products (columns past n_keys masked by
-// valid unless full): y = scale * s rounded and p = bf16(e^(y - m)) computed as 2^((y - m) log2(e)),
-// both as in the reference (a subtract before the multiply: y - m is exact near the max, and the
-// overflows of a huge scale match), with the fp32 powers summed into the row's 16 lanes of l16
-// (reduced once, at the end: no horizontal sum per block). The shift m (the row's max so far) moves
-// only when a score passes it by more than 8 (so p <= e^8, far from bf16's range limits); then the
-// row of O and of l16 are rescaled. Most blocks only compare their max. A NaN score makes its row
-// NaN whether or not the max sees it (the shift is then either NaN or left alone, and the NaN power
-// reaches O and l16).
+// The online softmax of one row of a 16 x 64 block of dot products s (columns past n_keys masked
+// by valid unless full): p = bf16(e^(scale s - m)) computed as 2^(s c - m log2(e)), c = scale
+// log2(e), in one fma per 16 scores, with the fp32 powers summed into the row's 16 lanes of l16
+// (reduced once, at the end: no horizontal sum per block). The shift m is in the reference's units
+// (scale * s rounded: the row max rounds like the reference's, as rounding is monotone and
+// scale > 0). Against the reference's (scale s - m) log2(e), the fma's exponent skips the rounding of
+// scale s (a relative 6e-8) and carries that of m log2(e), the same for the whole row and at the
+// level of m's own fp32 rounding in lse = m + log(l): far below the 3.9e-3 at which P rounds to
+// bf16. Past |m| = 1e30, or for a scale whose c overflows, the reference's order runs instead
+// (scale s rounded, minus m, times log2(e)), so that infinities and overflows come out as they do
+// there. The shift m (the row's max so far) moves only when a score passes it by more than 8 (so
+// p <= e^8, far from bf16's range limits); then the row of O and of l16 are rescaled. Most blocks
+// only compare their max. A NaN score makes its row NaN whether or not the max sees it (the shift
+// is then either NaN or left alone, and the NaN power reaches O and l16).
 DF_AMX inline void softmax_row_avx512(const float* srow, bool full, const __mmask16* valid, float scale, float& m,
                                       float* l, float* orow, int64_t D, uint16_t* prow) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-kInf), log2e = _mm512_set1_ps(kLog2e);
-  __m512 y[4];
+  const __m512 ninf = _mm512_set1_ps(-kInf);
+  __m512 x[4];
   for (int i = 0; i < 4; ++i)
-    y[i] = mul_rounded(full ? _mm512_loadu_ps(srow + 16 * i) : _mm512_mask_loadu_ps(ninf, valid[i], srow + 16 * i), sc);
-  const __m512 top = _mm512_max_ps(_mm512_max_ps(y[0], y[1]), _mm512_max_ps(y[2], y[3]));
+    x[i] = full ? _mm512_loadu_ps(srow + 16 * i) : _mm512_mask_loadu_ps(ninf, valid[i], srow + 16 * i);
+  const __m512 top = mul_rounded(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])),
+                                 _mm512_set1_ps(scale));
   if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(m + 8.f), _CMP_GT_OQ) != 0 || m == -kInf) {
     const float mb = _mm512_reduce_max_ps(top);
     const float alpha = m == -kInf ? 0.f : std::exp(m - mb);
@@ -1285,15 +1297,18 @@ DF_AMX inline void softmax_row_avx512(const float* srow, bool full, const __mmas
     scale_row(orow, D, alpha);
     m = mb;
   }
-  const __m512 shift = _mm512_set1_ps(m);
-  __m512 sum = _mm512_loadu_ps(l);
-  for (int i = 0; i < 4; i += 2) {  // masked columns: y = -inf, p = 0
-    const __m512 e0 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(y[i], shift), log2e));
-    const __m512 e1 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(y[i + 1], shift), log2e));
-    sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
-    _mm512_storeu_si512(prow + 16 * i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+  const float c = scale * kLog2e;
+  __m512 e[4];  // masked columns: -inf, p = 0
+  if (std::fabs(m) < 1e30f && c < 1e30f) {
+    const __m512 cv = _mm512_set1_ps(c), shift = _mm512_set1_ps(m * kLog2e);
+    for (int i = 0; i < 4; ++i) e[i] = exp2_16(_mm512_fmsub_ps(x[i], cv, shift));
+  } else {
+    const __m512 sc = _mm512_set1_ps(scale), shift = _mm512_set1_ps(m), log2e = _mm512_set1_ps(kLog2e);
+    for (int i = 0; i < 4; ++i) e[i] = exp2_16(_mm512_mul_ps(_mm512_sub_ps(mul_rounded(x[i], sc), shift), log2e));
   }
-  _mm512_storeu_ps(l, sum);
+  _mm512_storeu_ps(l, _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(l), _mm512_add_ps(e[0], e[1])), _mm512_add_ps(e[2], e[3])));
+  for (int i = 0; i < 4; i += 2)
+    _mm512_storeu_si512(prow + 16 * i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e[i + 1], e[i])));
 }
 
 DF_AMX inline void key_masks(int64_t n_keys, __mmask16* valid) {
