@@ -35,6 +35,7 @@
 #include <limits>
 #include <new>
 #include <numeric>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -1214,6 +1215,8 @@ struct LowPrecisionState {
 // ------------------------------------------------------------------------------------------------
 #ifdef DF_HAVE_AVX512_PATH
 #define DF_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+// Always inlined: called with a constant step number, a step's branches and register switch fold away.
+#define DF_AMX_INLINE DF_AMX inline __attribute__((always_inline))
 
 bool cpu_has_amx_bf16() {
   static const bool ok = [] {
@@ -1281,7 +1284,7 @@ DF_AMX inline __m512 exp2_16(__m512 x) {
 // p <= e^8, far from bf16's range limits); then the row of O and of l16 are rescaled. Most blocks
 // only compare their max. A NaN score makes its row NaN whether or not the max sees it (the shift
 // is then either NaN or left alone, and the NaN power reaches O and l16).
-DF_AMX inline void softmax_row_avx512(const float* srow, bool full, const __mmask16* valid, float scale, float& m,
+DF_AMX_INLINE void softmax_row_avx512(const float* srow, bool full, const __mmask16* valid, float scale, float& m,
                                       float* l, float* orow, int64_t D, uint16_t* prow) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const __m512 ninf = _mm512_set1_ps(-kInf);
@@ -1320,7 +1323,7 @@ DF_AMX inline void key_masks(int64_t n_keys, __mmask16* valid) {
 // products issued in one run stall the vector work behind them once that window fills).
 // Accumulator j += A (tile 4 or 7) x B (tile 5 for even j, 6 for odd): a runtime choice among the
 // literal registers the intrinsics need.
-DF_AMX inline void amx_madd(int j, int a, const uint16_t* b) {
+DF_AMX_INLINE void amx_madd(int j, int a, const uint16_t* b) {
   switch (2 * j + (a == 7)) {
     case 0: DF_AMX_MADD(0, 4, 5, b); break;
     case 1: DF_AMX_MADD(0, 7, 5, b); break;
@@ -1333,7 +1336,7 @@ DF_AMX inline void amx_madd(int j, int a, const uint16_t* b) {
   }
 }
 
-DF_AMX inline void amx_load_a(int a, const uint16_t* x, int64_t stride_bytes) {
+DF_AMX_INLINE void amx_load_a(int a, const uint16_t* x, int64_t stride_bytes) {
   if (a == 4)
     _tile_loadd(4, x, stride_bytes);
   else
@@ -1341,7 +1344,7 @@ DF_AMX inline void amx_load_a(int a, const uint16_t* x, int64_t stride_bytes) {
 }
 
 // Accumulators j < tiles stored to (store) or loaded from their 16 columns of c, two per step.
-DF_AMX inline void amx_move_pair(bool store, int first, int tiles, float* c, int64_t ldc_bytes) {
+DF_AMX_INLINE void amx_move_pair(bool store, int first, int tiles, float* c, int64_t ldc_bytes) {
   if (first == 0) {
     if (store) DF_AMX_STORE(0, c, ldc_bytes); else _tile_loadd(0, c, ldc_bytes);
     if (tiles > 1) { if (store) DF_AMX_STORE(1, c, ldc_bytes); else _tile_loadd(1, c + 16, ldc_bytes); }
@@ -1355,7 +1358,7 @@ DF_AMX inline void amx_move_pair(bool store, int first, int tiles, float* c, int
 // kblk: a zeroing step, four products per 32 dims (A alternating between tiles 4 and 7), two stores.
 constexpr int score_steps(int64_t D) { return int(4 * (D / 32) + 3); }
 
-DF_AMX inline void amx_scores_step(int k, const uint16_t* q, int64_t ldq, const uint16_t* kblk, int64_t D, float* s) {
+DF_AMX_INLINE void amx_scores_step(int k, const uint16_t* q, int64_t ldq, const uint16_t* kblk, int64_t D, float* s) {
   const int products = int(4 * (D / 32));
   if (k == 0) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -1374,7 +1377,7 @@ DF_AMX inline void amx_scores_step(int k, const uint16_t* q, int64_t ldq, const 
 // (two of 32 keys per tile, P in tiles 4 and 7), two stores.
 constexpr int accumulate_steps(int64_t D) { return int(12 * ((D + kPackN - 1) / kPackN)); }
 
-DF_AMX inline void amx_accumulate_step(int k, const uint16_t* p, const uint16_t* v, int64_t v_block_stride, int64_t D,
+DF_AMX_INLINE void amx_accumulate_step(int k, const uint16_t* p, const uint16_t* v, int64_t v_block_stride, int64_t D,
                                        float* o) {
   const int64_t c0 = (k / 12) * kPackN;
   const int kk = k % 12, tiles = int(std::min<int64_t>(4, (D - c0) / 16));
@@ -1390,6 +1393,50 @@ DF_AMX inline void amx_accumulate_step(int k, const uint16_t* p, const uint16_t*
     amx_move_pair(/*store=*/true, kk == 10 ? 0 : 2, tiles, oc, D * 4);
   }
 }
+
+// One item of the pipeline below in the common case, unrolled: 16 rows, D = 64, and both
+// neighbours' steps to issue (items i-1 and i+1 exist). The step schedule (the steps issued after
+// row r) is then fixed at compile time, so every step's tile registers are literals: no dispatch
+// between the rows, whose scalar work would otherwise compete with the softmax for the ports.
+struct FullItemD64 {
+  static constexpr int64_t kD = 64;
+  static constexpr int kScore = score_steps(kD), kTotal = score_steps(kD) + accumulate_steps(kD);
+  const float* s_cur;
+  uint16_t* p_cur;
+  const __mmask16* valid;
+  bool full;
+  float scale;
+  float *m, *l16, *o;  // at the item's first row
+  const uint16_t *q_next, *kblk_next, *p_prev, *v_prev;
+  int64_t ldq, v_block_stride;
+  float *s_next, *o_prev;
+
+  template <int K>
+  DF_AMX_INLINE void step() const {
+    if constexpr (K < kScore)
+      amx_scores_step(K, q_next, ldq, kblk_next, kD, s_next);
+    else
+      amx_accumulate_step(K - kScore, p_prev, v_prev, v_block_stride, kD, o_prev);
+  }
+  template <int From, int To>
+  DF_AMX_INLINE void steps() const {
+    if constexpr (From < To) {
+      step<From>();
+      steps<From + 1, To>();
+    }
+  }
+  template <int R>
+  DF_AMX_INLINE void row() const {  // S before P V, as in the general loop
+    softmax_row_avx512(s_cur + R * kAmxKeys, full, valid, scale, m[R], l16 + 16 * R, o + R * kD, kD,
+                       p_cur + R * kAmxKeys);
+    steps<kTotal * R / kAmxRows, kTotal * (R + 1) / kAmxRows>();
+  }
+  template <int... R>
+  DF_AMX_INLINE void rows(std::integer_sequence<int, R...>) const {
+    (row<R>(), ...);
+  }
+  DF_AMX_INLINE void run() const { rows(std::make_integer_sequence<int, int(kAmxRows)>{}); }
+};
 
 // One query tile (M rows at q, row stride ldq; rows up to M rounded to 16 readable, zero past M)
 // against one key tile of N keys, K^T and V packed as for gemm_packed (V blocks v_block_stride
@@ -1427,6 +1474,12 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
       float* o_prev = o + g0_of(prev) * D;
       if (ka == 0 && n_groups == 1)  // item i-1 is this group's previous block: its O first, whole
         for (; ka < n_accumulate; ++ka) amx_accumulate_step(ka, p_prev, v_prev, v_block_stride, D, o_prev);
+      if (D == FullItemD64::kD && rows == kAmxRows && ks == 0 && ka == 0) {
+        FullItemD64{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next, kblk_next, p_prev,
+                    v_prev, ldq, v_block_stride, s_next, o_prev}
+            .run();
+        continue;
+      }
       const int total = (n_score - ks) + (n_accumulate - ka);
       int issued = 0;
       for (int64_t r = 0; r < kAmxRows; ++r) {
