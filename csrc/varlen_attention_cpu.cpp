@@ -1394,12 +1394,13 @@ DF_AMX_INLINE void amx_accumulate_step(int k, const uint16_t* p, const uint16_t*
   }
 }
 
-// One item of the pipeline below in the common case, unrolled: 16 rows, D = 64, and both
-// neighbours' steps to issue (items i-1 and i+1 exist). The step schedule (the steps issued after
-// row r) is then fixed at compile time, so every step's tile registers are literals: no dispatch
-// between the rows, whose scalar work would otherwise compete with the softmax for the ports.
-struct FullItemD64 {
-  static constexpr int64_t kD = 64;
+// One item of the pipeline below in the common case, unrolled: 16 rows, D = kD (64 or 128: the
+// head dims of DINOv3's models), and both neighbours' steps to issue (items i-1 and i+1 exist). The
+// step schedule (the steps issued after row r) is then fixed at compile time, so every step's tile
+// registers are literals: no dispatch between the rows, whose scalar work would otherwise compete
+// with the softmax for the ports.
+template <int64_t kD>
+struct FullItem {
   static constexpr int kScore = score_steps(kD), kTotal = score_steps(kD) + accumulate_steps(kD);
   const float* s_cur;
   uint16_t* p_cur;
@@ -1474,10 +1475,13 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
       float* o_prev = o + g0_of(prev) * D;
       if (ka == 0 && n_groups == 1)  // item i-1 is this group's previous block: its O first, whole
         for (; ka < n_accumulate; ++ka) amx_accumulate_step(ka, p_prev, v_prev, v_block_stride, D, o_prev);
-      if (D == FullItemD64::kD && rows == kAmxRows && ks == 0 && ka == 0) {
-        FullItemD64{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next, kblk_next, p_prev,
-                    v_prev, ldq, v_block_stride, s_next, o_prev}
-            .run();
+      if ((D == 64 || D == 128) && rows == kAmxRows && ks == 0 && ka == 0) {
+        if (D == 64)
+          FullItem<64>{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next, kblk_next, p_prev,
+                       v_prev, ldq, v_block_stride, s_next, o_prev}.run();
+        else
+          FullItem<128>{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next, kblk_next, p_prev,
+                        v_prev, ldq, v_block_stride, s_next, o_prev}.run();
         continue;
       }
       const int total = (n_score - ks) + (n_accumulate - ka);
