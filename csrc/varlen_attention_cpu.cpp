@@ -865,6 +865,22 @@ DF_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(poly5(r, kExpR), n);
 }
 
+// 2^x for x <= 0 (or a little above): 2^x = 2^floor(x) 2^r, r = x - floor(x) in [0, 1] from
+// vreduceps (rounding down), 2^r by a degree-4 polynomial fitted for relative error on [0, 1]
+// (within 2.7e-6 of 2^r in fp32, which keeps lse = m + log(l) at fp32 accuracy; a degree-3 fit,
+// 7.5e-5, would not), and vscalefps applying 2^floor(x) from x itself (it floors its exponent
+// argument): no separate round or subtract. -inf gives r = 0 and 2^-inf = 0 with no clamp; NaN
+// stays NaN; r rounding up to 1 (x just below an integer) still pairs with floor(x). The AMX
+// kernels' elementwise passes are bound by the vector units while the tiles wait: every op counted.
+DF_AVX512 inline __m512 exp2_16(__m512 x) {
+  static constexpr float kExp2R[5] = {1.0000026226043701f, 0.6930038332939148f, 0.24144276976585388f,
+                                      0.05201148986816406f, 0.013534137047827244f};
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 y = _mm512_set1_ps(kExp2R[4]);
+  for (int i = 3; i >= 0; --i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExp2R[i]));
+  return _mm512_scalef_ps(y, x);
+}
+
 // 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16,
 // which also flushes fp32 denormals (below 1.2e-38) to zero: P and dS values of no weight here.
 DF_AVX512 inline __m256i to_bf16x16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
@@ -928,12 +944,15 @@ DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, f
 // One key's row of the backward, both elementwise passes in one: e = exp(s * scale - lse) in fp32,
 // p = bf16(e), ds = bf16(e * (dp - delta)).
 DF_AVX512 void probs_and_grads_to_bf16_avx512(const float* s, const float* dp, int64_t n, float scale,
-                                              const float* lse, const float* delta, uint16_t* p, uint16_t* ds) {
-  const __m512 sc = _mm512_set1_ps(scale);
+                                              const float* lse, const float* lse_log2e, const float* delta,
+                                              uint16_t* p, uint16_t* ds) {
+  const __m512 sc = _mm512_set1_ps(scale), c = _mm512_set1_ps(scale * kLog2e);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
-    const __m512 x = mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc);
-    const __m512 e = exp16(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(m, lse + j)));
+    const __m512 e =
+        lse_log2e != nullptr
+            ? exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + j), c, _mm512_maskz_loadu_ps(m, lse_log2e + j)))
+            : exp16(_mm512_sub_ps(mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc), _mm512_maskz_loadu_ps(m, lse + j)));
     _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
     const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + j), _mm512_maskz_loadu_ps(m, delta + j));
     _mm256_mask_storeu_epi16(ds + j, m, to_bf16x16(_mm512_mul_ps(e, g)));
@@ -1135,11 +1154,13 @@ float exp_sum_to_lp(float* s, int64_t n, float scale, float shift, uint16_t* p) 
 }
 
 // One key's rows of P^T and dS^T in the backward: p = round(exp(s * scale - lse)), ds = round(that
-// fp32 exp * (dp - delta)) (s and dp clobbered).
+// fp32 exp * (dp - delta)) (s and dp clobbered). lse_log2e (lse * log2(e), or null): the bf16 path
+// then computes the exp as 2^(s scale log2(e) - lse log2(e)), one fma and exp2_16 (see
+// softmax_row_avx512 for why that is as accurate as P's bf16 rounding needs).
 template <typename scalar_t>
-void probs_and_grads_to_lp(float* s, float* dp, int64_t n, float scale, const float* lse, const float* delta,
-                           uint16_t* p, uint16_t* ds) {
-  DF_BF16_AVX512_RETURN(scalar_t, probs_and_grads_to_bf16_avx512(s, dp, n, scale, lse, delta, p, ds));
+void probs_and_grads_to_lp(float* s, float* dp, int64_t n, float scale, const float* lse, const float* lse_log2e,
+                           const float* delta, uint16_t* p, uint16_t* ds) {
+  DF_BF16_AVX512_RETURN(scalar_t, probs_and_grads_to_bf16_avx512(s, dp, n, scale, lse, lse_log2e, delta, p, ds));
   exp_scaled_minus(s, n, scale, lse);
   round_row<scalar_t>(s, p, n);
   softmax_grad_cols(s, dp, n, delta);
@@ -1253,22 +1274,6 @@ constexpr int64_t kAmxRows = 16, kAmxKeys = 64, kAmxChunk = 64;
     _tile_dpbf16ps(j, a, t);            \
   } while (0)
 #define DF_AMX_STORE(j, c, ldc_bytes) _tile_stored(j, (c) + 16 * j, (ldc_bytes))
-
-// 2^x for x <= 0 (or a little above): 2^x = 2^floor(x) 2^r, r = x - floor(x) in [0, 1] from
-// vreduceps (rounding down), 2^r by a degree-4 polynomial fitted for relative error on [0, 1]
-// (within 2.7e-6 of 2^r in fp32, which keeps lse = m + log(l) at fp32 accuracy; a degree-3 fit,
-// 7.5e-5, would not), and vscalefps applying 2^floor(x) from x itself (it floors its exponent
-// argument): no separate round or subtract. -inf gives r = 0 and 2^-inf = 0 with no clamp; NaN
-// stays NaN; r rounding up to 1 (x just below an integer) still pairs with floor(x). The softmax is
-// bound by the vector units while the tiles wait for it: every op counted.
-DF_AMX inline __m512 exp2_16(__m512 x) {
-  static constexpr float kExp2R[5] = {1.0000026226043701f, 0.6930038332939148f, 0.24144276976585388f,
-                                      0.05201148986816406f, 0.013534137047827244f};
-  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 y = _mm512_set1_ps(kExp2R[4]);
-  for (int i = 3; i >= 0; --i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExp2R[i]));
-  return _mm512_scalef_ps(y, x);
-}
 
 // The online softmax of one row of a 16 x 64 block of dot products s (columns past n_keys masked
 // by valid unless full): p = bf16(e^(scale s - m)) computed as 2^(s c - m log2(e)), c = scale
@@ -1523,7 +1528,8 @@ DF_AMX inline void bwd_scores_step(int k, const uint16_t* k_rows, const uint16_t
 
 DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_t N, const uint16_t* qt_pack,
                                     const uint16_t* gt_pack, int64_t M, float scale, const float* lse,
-                                    const float* delta, float* s_buf, uint16_t* pt, uint16_t* dst, int64_t ld_out) {
+                                    const float* lse_log2e, const float* delta, float* s_buf, uint16_t* pt,
+                                    uint16_t* dst, int64_t ld_out) {
   constexpr int64_t D = 64, kTile = kAmxRows * kAmxKeys;
   // item i: key group i % n_groups of query block i / n_groups (a block's Q^T, dO^T tiles stay in L1)
   const int64_t n_groups = (N + kAmxRows - 1) / kAmxRows, n_items = n_groups * ((M + kAmxKeys - 1) / kAmxKeys);
@@ -1542,7 +1548,8 @@ DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_
     const int total = i + 1 < n_items ? 2 * score_steps(D) : 0;
     int issued = 0;
     for (int64_t r = 0; r < rows; ++r) {
-      probs_and_grads_to_bf16_avx512(s + r * kAmxKeys, s + kTile + r * kAmxKeys, cols, scale, lse + c0, delta + c0,
+      probs_and_grads_to_bf16_avx512(s + r * kAmxKeys, s + kTile + r * kAmxKeys, cols, scale, lse + c0,
+                                     lse_log2e != nullptr ? lse_log2e + c0 : nullptr, delta + c0,
                                      pt + (g0 + r) * ld_out + c0, dst + (g0 + r) * ld_out + c0);
       for (const int until = int(total * (r + 1) / rows); issued < until; ++issued)
         bwd_scores_step(issued, k_next, v_next, qt_next, gt_next, s_next);
@@ -1676,7 +1683,7 @@ void transpose_tiles(const float* dqt, int64_t L, int64_t D, float* dq) {
 
 struct BwdLpState : LowPrecisionState {
   Buffer<uint16_t> q, k, v, kt, qt_pack, gt_pack, g_pack, q_pack, pt, dst, ds_pack;
-  Buffer<float> delta, dqt, dq, dk, dv, s, dp, amx_s;
+  Buffer<float> delta, dqt, dq, dk, dv, s, dp, amx_s, lse_log2e;
 };
 
 // Backward in key-major form, so that P^T and dS^T come out of the elementwise passes as row-major A
@@ -1749,6 +1756,15 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     st.ds_pack.resize((B / kPackN) * B * kPackN);
     if (amx) st.amx_s.resize(4 * kAmxRows * kAmxKeys);
     const float* lse_row = lp + h * p.T + start;
+    // lse * log2(e) for the fused exp of the bf16 elementwise pass, where no lse or scale is so large
+    // that the fused form could overflow (else null: the reference's order)
+    const float* lse_log2e = nullptr;
+    if (kIsBf16<scalar_t> && p.scale * kLog2e < 1e30f &&
+        std::all_of(lse_row, lse_row + L, [](float x) { return std::fabs(x) < 1e30f; })) {
+      st.lse_log2e.resize(L);
+      for (int64_t r = 0; r < L; ++r) st.lse_log2e[r] = lse_row[r] * kLog2e;
+      lse_log2e = st.lse_log2e.data();
+    }
     float *S = st.s.data(), *dP = st.dp.data();
     uint16_t *Pt = st.pt.data(), *dSt = st.dst.data();
     for (int64_t k0 = 0; k0 < L; k0 += B) {
@@ -1762,7 +1778,8 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
         if (amx) {  // S^T, dP^T on AMX tiles of its own, between the rows of the elementwise pass
           amx_begin();
           probs_and_grads_amx_d64(krows + k0 * D, vrows + k0 * D, N, qt_pack, gt_pack, M, p.scale, lse_row + q0,
-                                  st.delta.data() + q0, st.amx_s.data(), Pt, dSt, kLdPBwd);
+                                  lse_log2e != nullptr ? lse_log2e + q0 : nullptr, st.delta.data() + q0,
+                                  st.amx_s.data(), Pt, dSt, kLdPBwd);
           amx_end();  // and torch's brgemm loads its own configuration again
         }
 #endif
@@ -1771,7 +1788,8 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
           gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, kLdSBwd, false, true);  // dP^T = V dO^T
           for (int64_t r = 0; r < N; ++r)
             probs_and_grads_to_lp<scalar_t>(S + r * kLdSBwd, dP + r * kLdSBwd, M, p.scale, lse_row + q0,
-                                            st.delta.data() + q0, Pt + r * kLdPBwd, dSt + r * kLdPBwd);
+                                            lse_log2e != nullptr ? lse_log2e + q0 : nullptr, st.delta.data() + q0,
+                                            Pt + r * kLdPBwd, dSt + r * kLdPBwd);
         }
         for (int64_t r = 0; r < N; ++r) {
           std::memset(Pt + r * kLdPBwd + M, 0, (Mk - M) * sizeof(uint16_t));
