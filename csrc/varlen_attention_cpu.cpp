@@ -942,10 +942,11 @@ DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, f
 }
 
 // One key's row of the backward, both elementwise passes in one: e = exp(s * scale - lse) in fp32,
-// p = bf16(e), ds = bf16(e * (dp - delta)).
-DF_AVX512 void probs_and_grads_to_bf16_avx512(const float* s, const float* dp, int64_t n, float scale,
-                                              const float* lse, const float* lse_log2e, const float* delta,
-                                              uint16_t* p, uint16_t* ds) {
+// p = bf16(e), ds = bf16(e * (dp - delta)). Always inlined where n is a constant (the AMX kernel's
+// full items): the loop and its tail masks then fold away.
+DF_AVX512 inline __attribute__((always_inline)) void probs_and_grads_row_avx512(
+    const float* s, const float* dp, int64_t n, float scale, const float* lse, const float* lse_log2e,
+    const float* delta, uint16_t* p, uint16_t* ds) {
   const __m512 sc = _mm512_set1_ps(scale), c = _mm512_set1_ps(scale * kLog2e);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
@@ -957,6 +958,12 @@ DF_AVX512 void probs_and_grads_to_bf16_avx512(const float* s, const float* dp, i
     const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + j), _mm512_maskz_loadu_ps(m, delta + j));
     _mm256_mask_storeu_epi16(ds + j, m, to_bf16x16(_mm512_mul_ps(e, g)));
   }
+}
+
+DF_AVX512 void probs_and_grads_to_bf16_avx512(const float* s, const float* dp, int64_t n, float scale,
+                                              const float* lse, const float* lse_log2e, const float* delta,
+                                              uint16_t* p, uint16_t* ds) {
+  probs_and_grads_row_avx512(s, dp, n, scale, lse, lse_log2e, delta, p, ds);
 }
 #endif
 
@@ -1517,7 +1524,7 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
 // of 64, zero past N up to a multiple of 16; Q^T, dO^T packed by pack_b_transposed), and the next
 // block's products are issued between the rows of this block's elementwise pass, as in the
 // forward. s_buf: 4 x 16 x 64 floats (S^T and dP^T of two blocks).
-DF_AMX inline void bwd_scores_step(int k, const uint16_t* k_rows, const uint16_t* v_rows, const uint16_t* qt_blk,
+DF_AMX_INLINE void bwd_scores_step(int k, const uint16_t* k_rows, const uint16_t* v_rows, const uint16_t* qt_blk,
                                    const uint16_t* gt_blk, float* s) {
   constexpr int64_t D = 64;
   if (k < score_steps(D))
@@ -1525,6 +1532,37 @@ DF_AMX inline void bwd_scores_step(int k, const uint16_t* k_rows, const uint16_t
   else
     amx_scores_step(k - score_steps(D), v_rows, D, gt_blk, D, s + kAmxRows * kAmxKeys);
 }
+
+// One item of probs_and_grads_amx_d64 in the common case, unrolled as FullItem is: 16 keys, 64
+// queries, and the next item's S^T and dP^T steps to issue.
+struct BwdFullItem {
+  static constexpr int kTotal = 2 * score_steps(64);
+  const float *s, *lse, *lse_log2e, *delta;  // at the item's first key row / query column
+  uint16_t *pt, *dst;
+  int64_t ld_out;
+  float scale;
+  const uint16_t *k_next, *v_next, *qt_next, *gt_next;
+  float* s_next;
+
+  template <int From, int To>
+  DF_AMX_INLINE void steps() const {
+    if constexpr (From < To) {
+      bwd_scores_step(From, k_next, v_next, qt_next, gt_next, s_next);
+      steps<From + 1, To>();
+    }
+  }
+  template <int R>
+  DF_AMX_INLINE void row() const {
+    probs_and_grads_row_avx512(s + R * kAmxKeys, s + kAmxRows * kAmxKeys + R * kAmxKeys, kAmxKeys, scale, lse,
+                               lse_log2e, delta, pt + R * ld_out, dst + R * ld_out);
+    steps<kTotal * R / kAmxRows, kTotal * (R + 1) / kAmxRows>();
+  }
+  template <int... R>
+  DF_AMX_INLINE void rows(std::integer_sequence<int, R...>) const {
+    (row<R>(), ...);
+  }
+  DF_AMX_INLINE void run() const { rows(std::make_integer_sequence<int, int(kAmxRows)>{}); }
+};
 
 DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_t N, const uint16_t* qt_pack,
                                     const uint16_t* gt_pack, int64_t M, float scale, const float* lse,
@@ -1546,6 +1584,12 @@ DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_
     const uint16_t *qt_next = block_of(qt_pack, next), *gt_next = block_of(gt_pack, next);
     float* s_next = s_buf + (next % 2) * 2 * kTile;
     const int total = i + 1 < n_items ? 2 * score_steps(D) : 0;
+    if (rows == kAmxRows && cols == kAmxKeys && total == BwdFullItem::kTotal) {
+      BwdFullItem{s, lse + c0, lse_log2e != nullptr ? lse_log2e + c0 : nullptr, delta + c0, pt + g0 * ld_out + c0,
+                  dst + g0 * ld_out + c0, ld_out, scale, k_next, v_next, qt_next, gt_next, s_next}
+          .run();
+      continue;
+    }
     int issued = 0;
     for (int64_t r = 0; r < rows; ++r) {
       probs_and_grads_to_bf16_avx512(s + r * kAmxKeys, s + kTile + r * kAmxKeys, cols, scale, lse + c0,
