@@ -866,19 +866,39 @@ DF_AVX512 inline __m512 exp16(__m512 x) {
 }
 
 // 2^x for x <= 0 (or a little above): 2^x = 2^floor(x) 2^r, r = x - floor(x) in [0, 1] from
-// vreduceps (rounding down), 2^r by a degree-4 polynomial fitted for relative error on [0, 1]
-// (within 2.7e-6 of 2^r in fp32, which keeps lse = m + log(l) at fp32 accuracy; a degree-3 fit,
-// 7.5e-5, would not), and vscalefps applying 2^floor(x) from x itself (it floors its exponent
-// argument): no separate round or subtract. -inf gives r = 0 and 2^-inf = 0 with no clamp; NaN
-// stays NaN; r rounding up to 1 (x just below an integer) still pairs with floor(x). The AMX
-// kernels' elementwise passes are bound by the vector units while the tiles wait: every op counted.
+// vreduceps (rounding down), 2^r by a polynomial c fitted for relative error on [0, 1], and
+// vscalefps applying 2^floor(x) from x itself (it floors its exponent argument): no separate round
+// or subtract. -inf gives r = 0 and 2^-inf = 0 with no clamp; NaN stays NaN; r rounding up to 1 (x
+// just below an integer) still pairs with floor(x). The elementwise passes between the gemms are
+// bound by the vector units: every op counted.
+template <size_t kTerms>
+DF_AVX512 inline __m512 exp2_poly16(__m512 x, const float (&c)[kTerms]) {
+  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 y = _mm512_set1_ps(c[kTerms - 1]);
+  for (int i = int(kTerms) - 2; i >= 0; --i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(y, x);
+}
+
+// Degree 4, within 2.7e-6 of 2^r: P rounds to bf16 (3.9e-3), and lse = m + log(l) stays at fp32
+// accuracy (a degree-3 fit, 7.5e-5, would not).
 DF_AVX512 inline __m512 exp2_16(__m512 x) {
   static constexpr float kExp2R[5] = {1.0000026226043701f, 0.6930038332939148f, 0.24144276976585388f,
                                       0.05201148986816406f, 0.013534137047827244f};
-  const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 y = _mm512_set1_ps(kExp2R[4]);
-  for (int i = 3; i >= 0; --i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExp2R[i]));
-  return _mm512_scalef_ps(y, x);
+  return exp2_poly16(x, kExp2R);
+}
+
+// Degree 5, within 1.7e-7 of 2^r (a few fp32 ulp): for fp32 P.
+DF_AVX512 inline __m512 exp2_16_fp32(__m512 x) {
+  static constexpr float kExp2R[6] = {0.9999999403953552f, 0.6931530833244324f, 0.24015361070632935f,
+                                      0.05582631751894951f, 0.008989342488348484f, 0.0018775747157633305f};
+  return exp2_poly16(x, kExp2R);
+}
+
+// Whether exp(y * scale - shift) may run as 2^(y * scale log2(e) - shift log2(e)) in one fma: no
+// overflow of either constant (huge scales and shifts keep the reference's order, so that
+// infinities come out as they do there).
+inline bool fused_exp_ok(float scale, float shift) {
+  return scale * kLog2e < 1e30f && std::fabs(shift) < 1e30f;
 }
 
 // 16 fp32 lanes rounded to bf16 (nearest even; NaN -> quiet NaN) by AVX512-BF16's vcvtneps2bf16,
@@ -903,15 +923,23 @@ DF_AVX512 float scale_max_avx512(float* s, int64_t n, float scale) {
 }
 
 // s = exp(s - shift), kScaled: exp(scale * s rounded - shift), in place; returns the fp32 sum.
-template <bool kScaled>
+// kFused: as 2^(s c - shift log2(e)) in one fma (see fused_exp_ok), c = log2(e) or scale log2(e):
+// that skips the rounding of scale * s and carries that of shift log2(e), an error the same for the
+// whole row, at the level of shift's own fp32 rounding.
+template <bool kScaled, bool kFused>
 DF_AVX512 float exp_rows_avx512(float* s, int64_t n, float scale, float shift) {
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+  const __m512 c = _mm512_set1_ps((kScaled ? scale : 1.f) * kLog2e), shc = _mm512_set1_ps(shift * kLog2e);
+  const auto exp_of = [&](__m512 x) DF_AVX512 {
+    if constexpr (kFused) return exp2_16_fp32(_mm512_fmsub_ps(x, c, shc));
+    return exp16(_mm512_sub_ps(kScaled ? mul_rounded(x, sc) : x, sh));
+  };
   __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {  // two independent sums; the tail below masked
     const __m512 x0 = _mm512_loadu_ps(s + j), x1 = _mm512_loadu_ps(s + j + 16);
-    const __m512 e0 = exp16(_mm512_sub_ps(kScaled ? mul_rounded(x0, sc) : x0, sh));
-    const __m512 e1 = exp16(_mm512_sub_ps(kScaled ? mul_rounded(x1, sc) : x1, sh));
+    const __m512 e0 = exp_of(x0);
+    const __m512 e1 = exp_of(x1);
     _mm512_storeu_ps(s + j, e0);
     _mm512_storeu_ps(s + j + 16, e1);
     sum = _mm512_add_ps(sum, e0);
@@ -920,21 +948,24 @@ DF_AVX512 float exp_rows_avx512(float* s, int64_t n, float scale, float shift) {
   sum = _mm512_add_ps(sum, sum2);
   for (; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
-    const __m512 x = _mm512_maskz_loadu_ps(m, s + j);
-    const __m512 e = exp16(_mm512_sub_ps(kScaled ? mul_rounded(x, sc) : x, sh));
+    const __m512 e = exp_of(_mm512_maskz_loadu_ps(m, s + j));
     _mm512_mask_storeu_ps(s + j, m, e);
     sum = _mm512_mask_add_ps(sum, m, sum, e);
   }
   return _mm512_reduce_add_ps(sum);
 }
 
-// p[j] = bf16(exp(s[j] * scale - shift)); returns the fp32 sum of the exps.
+// p[j] = bf16(exp(s[j] * scale - shift)); returns the fp32 sum of the exps. The fused exp where
+// fused_exp_ok (as in softmax_row_avx512).
 DF_AVX512 float exp_sum_to_bf16_avx512(const float* s, int64_t n, float scale, float shift, uint16_t* p) {
   __m512 sum = _mm512_setzero_ps();
   const __m512 sh = _mm512_set1_ps(shift), sc = _mm512_set1_ps(scale);
+  const __m512 c = _mm512_set1_ps(scale * kLog2e), shc = _mm512_set1_ps(shift * kLog2e);
+  const bool fused = fused_exp_ok(scale, shift);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
-    const __m512 e = exp16(_mm512_sub_ps(mul_rounded(_mm512_maskz_loadu_ps(m, s + j), sc), sh));
+    const __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+    const __m512 e = fused ? exp2_16(_mm512_fmsub_ps(x, c, shc)) : exp16(_mm512_sub_ps(mul_rounded(x, sc), sh));
     sum = _mm512_mask_add_ps(sum, m, sum, e);
     _mm256_mask_storeu_epi16(p + j, m, to_bf16x16(e));
   }
@@ -995,7 +1026,9 @@ float scale_and_max(float* s, int64_t n, float scale) {
 
 float exp_shift_sum_row(float* s, int64_t n, float shift) {
 #ifdef DF_HAVE_AVX512_PATH
-  if (cpu_has_avx512()) return exp_rows_avx512<false>(s, n, 1.f, shift);
+  if (cpu_has_avx512())
+    return fused_exp_ok(1.f, shift) ? exp_rows_avx512<false, true>(s, n, 1.f, shift)
+                                    : exp_rows_avx512<false, false>(s, n, 1.f, shift);
 #endif
   return exp_shift_sum(s, n, shift);
 }
@@ -1003,7 +1036,10 @@ float exp_shift_sum_row(float* s, int64_t n, float shift) {
 void scaled_exp_row(float* s, int64_t n, float scale, float shift) {
 #ifdef DF_HAVE_AVX512_PATH
   if (cpu_has_avx512()) {
-    exp_rows_avx512<true>(s, n, scale, shift);
+    if (fused_exp_ok(scale, shift))
+      exp_rows_avx512<true, true>(s, n, scale, shift);
+    else
+      exp_rows_avx512<true, false>(s, n, scale, shift);
     return;
   }
 #endif
@@ -1312,10 +1348,9 @@ DF_AMX_INLINE void softmax_row_avx512(const float* srow, bool full, const __mmas
     scale_row(orow, D, alpha);
     m = mb;
   }
-  const float c = scale * kLog2e;
   __m512 e[4];  // masked columns: -inf, p = 0
-  if (std::fabs(m) < 1e30f && c < 1e30f) {
-    const __m512 cv = _mm512_set1_ps(c), shift = _mm512_set1_ps(m * kLog2e);
+  if (fused_exp_ok(scale, m)) {
+    const __m512 cv = _mm512_set1_ps(scale * kLog2e), shift = _mm512_set1_ps(m * kLog2e);
     for (int i = 0; i < 4; ++i) e[i] = exp2_16(_mm512_fmsub_ps(x[i], cv, shift));
   } else {
     const __m512 sc = _mm512_set1_ps(scale), shift = _mm512_set1_ps(m), log2e = _mm512_set1_ps(kLog2e);
@@ -1803,8 +1838,8 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
     // lse * log2(e) for the fused exp of the bf16 elementwise pass, where no lse or scale is so large
     // that the fused form could overflow (else null: the reference's order)
     const float* lse_log2e = nullptr;
-    if (kIsBf16<scalar_t> && p.scale * kLog2e < 1e30f &&
-        std::all_of(lse_row, lse_row + L, [](float x) { return std::fabs(x) < 1e30f; })) {
+    if (kIsBf16<scalar_t> &&
+        std::all_of(lse_row, lse_row + L, [&](float x) { return fused_exp_ok(p.scale, x); })) {
       st.lse_log2e.resize(L);
       for (int64_t r = 0; r < L; ++r) st.lse_log2e[r] = lse_row[r] * kLog2e;
       lse_log2e = st.lse_log2e.data();
