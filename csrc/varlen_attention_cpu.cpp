@@ -931,8 +931,10 @@ DF_AVX512 float exp_rows_avx512(float* s, int64_t n, float scale, float shift) {
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
   const __m512 c = _mm512_set1_ps((kScaled ? scale : 1.f) * kLog2e), shc = _mm512_set1_ps(shift * kLog2e);
   const auto exp_of = [&](__m512 x) DF_AVX512 {
-    if constexpr (kFused) return exp2_16_fp32(_mm512_fmsub_ps(x, c, shc));
-    return exp16(_mm512_sub_ps(kScaled ? mul_rounded(x, sc) : x, sh));
+    if constexpr (kFused)
+      return exp2_16_fp32(_mm512_fmsub_ps(x, c, shc));
+    else
+      return exp16(_mm512_sub_ps(kScaled ? mul_rounded(x, sc) : x, sh));
   };
   __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
   int64_t j = 0;
@@ -1441,11 +1443,31 @@ DF_AMX_INLINE void amx_accumulate_step(int k, const uint16_t* p, const uint16_t*
   }
 }
 
-// One item of the pipeline below in the common case, unrolled: 16 rows, D = kD (64 or 128: the
-// head dims of DINOv3's models), and both neighbours' steps to issue (items i-1 and i+1 exist). The
-// step schedule (the steps issued after row r) is then fixed at compile time, so every step's tile
-// registers are literals: no dispatch between the rows, whose scalar work would otherwise compete
-// with the softmax for the ports.
+// An item of 16 rows unrolled: row R's elementwise work (item.row<R>()), then its share of the
+// item's Item::kTotal tile steps (item.step<K>()), all at compile time. Every step's tile registers
+// are then literals: no dispatch between the rows, whose scalar work would otherwise compete with the
+// vector work for the ports.
+template <int From, int To, class Item>
+DF_AMX_INLINE void issue_steps(const Item& item) {
+  if constexpr (From < To) {
+    item.template step<From>();
+    issue_steps<From + 1, To>(item);
+  }
+}
+
+template <class Item, int... R>
+DF_AMX_INLINE void run_unrolled(const Item& item, std::integer_sequence<int, R...>) {
+  ((item.template row<R>(), issue_steps<Item::kTotal * R / kAmxRows, Item::kTotal * (R + 1) / kAmxRows>(item)), ...);
+}
+
+template <class Item>
+DF_AMX_INLINE void run_unrolled(const Item& item) {
+  run_unrolled(item, std::make_integer_sequence<int, int(kAmxRows)>{});
+}
+
+// One item of the pipeline below in the common case, for run_unrolled: 16 rows, D = kD (64 or 128:
+// the head dims of DINOv3's models), and both neighbours' steps to issue (items i-1 and i+1 exist);
+// S before P V, as in the general loop.
 template <int64_t kD>
 struct FullItem {
   static constexpr int kScore = score_steps(kD), kTotal = score_steps(kD) + accumulate_steps(kD);
@@ -1466,24 +1488,11 @@ struct FullItem {
     else
       amx_accumulate_step(K - kScore, p_prev, v_prev, v_block_stride, kD, o_prev);
   }
-  template <int From, int To>
-  DF_AMX_INLINE void steps() const {
-    if constexpr (From < To) {
-      step<From>();
-      steps<From + 1, To>();
-    }
-  }
   template <int R>
-  DF_AMX_INLINE void row() const {  // S before P V, as in the general loop
+  DF_AMX_INLINE void row() const {
     softmax_row_avx512(s_cur + R * kAmxKeys, full, valid, scale, m[R], l16 + 16 * R, o + R * kD, kD,
                        p_cur + R * kAmxKeys);
-    steps<kTotal * R / kAmxRows, kTotal * (R + 1) / kAmxRows>();
   }
-  template <int... R>
-  DF_AMX_INLINE void rows(std::integer_sequence<int, R...>) const {
-    (row<R>(), ...);
-  }
-  DF_AMX_INLINE void run() const { rows(std::make_integer_sequence<int, int(kAmxRows)>{}); }
 };
 
 // One query tile (M rows at q, row stride ldq; rows up to M rounded to 16 readable, zero past M)
@@ -1524,11 +1533,11 @@ DF_AMX void attend_tile_amx(const uint16_t* q, int64_t ldq, int64_t M, const uin
         for (; ka < n_accumulate; ++ka) amx_accumulate_step(ka, p_prev, v_prev, v_block_stride, D, o_prev);
       if ((D == 64 || D == 128) && rows == kAmxRows && ks == 0 && ka == 0) {
         if (D == 64)
-          FullItem<64>{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next, kblk_next, p_prev,
-                       v_prev, ldq, v_block_stride, s_next, o_prev}.run();
+          run_unrolled(FullItem<64>{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next,
+                                    kblk_next, p_prev, v_prev, ldq, v_block_stride, s_next, o_prev});
         else
-          FullItem<128>{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next, kblk_next, p_prev,
-                        v_prev, ldq, v_block_stride, s_next, o_prev}.run();
+          run_unrolled(FullItem<128>{s_cur, p_cur, valid, full, scale, m + g0, l16 + 16 * g0, o + g0 * D, q_next,
+                                     kblk_next, p_prev, v_prev, ldq, v_block_stride, s_next, o_prev});
         continue;
       }
       const int total = (n_score - ks) + (n_accumulate - ka);
@@ -1568,7 +1577,7 @@ DF_AMX_INLINE void bwd_scores_step(int k, const uint16_t* k_rows, const uint16_t
     amx_scores_step(k - score_steps(D), v_rows, D, gt_blk, D, s + kAmxRows * kAmxKeys);
 }
 
-// One item of probs_and_grads_amx_d64 in the common case, unrolled as FullItem is: 16 keys, 64
+// One item of probs_and_grads_amx_d64 in the common case, for run_unrolled: 16 keys, 64
 // queries, and the next item's S^T and dP^T steps to issue.
 struct BwdFullItem {
   static constexpr int kTotal = 2 * score_steps(64);
@@ -1579,24 +1588,15 @@ struct BwdFullItem {
   const uint16_t *k_next, *v_next, *qt_next, *gt_next;
   float* s_next;
 
-  template <int From, int To>
-  DF_AMX_INLINE void steps() const {
-    if constexpr (From < To) {
-      bwd_scores_step(From, k_next, v_next, qt_next, gt_next, s_next);
-      steps<From + 1, To>();
-    }
+  template <int K>
+  DF_AMX_INLINE void step() const {
+    bwd_scores_step(K, k_next, v_next, qt_next, gt_next, s_next);
   }
   template <int R>
   DF_AMX_INLINE void row() const {
     probs_and_grads_row_avx512(s + R * kAmxKeys, s + kAmxRows * kAmxKeys + R * kAmxKeys, kAmxKeys, scale, lse,
                                lse_log2e, delta, pt + R * ld_out, dst + R * ld_out);
-    steps<kTotal * R / kAmxRows, kTotal * (R + 1) / kAmxRows>();
   }
-  template <int... R>
-  DF_AMX_INLINE void rows(std::integer_sequence<int, R...>) const {
-    (row<R>(), ...);
-  }
-  DF_AMX_INLINE void run() const { rows(std::make_integer_sequence<int, int(kAmxRows)>{}); }
 };
 
 DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_t N, const uint16_t* qt_pack,
@@ -1620,9 +1620,9 @@ DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_
     float* s_next = s_buf + (next % 2) * 2 * kTile;
     const int total = i + 1 < n_items ? 2 * score_steps(D) : 0;
     if (rows == kAmxRows && cols == kAmxKeys && total == BwdFullItem::kTotal) {
-      BwdFullItem{s, lse + c0, lse_log2e != nullptr ? lse_log2e + c0 : nullptr, delta + c0, pt + g0 * ld_out + c0,
-                  dst + g0 * ld_out + c0, ld_out, scale, k_next, v_next, qt_next, gt_next, s_next}
-          .run();
+      run_unrolled(BwdFullItem{s, lse + c0, lse_log2e != nullptr ? lse_log2e + c0 : nullptr, delta + c0,
+                               pt + g0 * ld_out + c0, dst + g0 * ld_out + c0, ld_out, scale, k_next, v_next, qt_next,
+                               gt_next, s_next});
       continue;
     }
     int issued = 0;
