@@ -162,6 +162,24 @@ DF_ALWAYS_INLINE void rotate_row_any(const scalar_t* in, scalar_t* out, const An
     rotate_row(in, out, a.cy, a.sy, a.cx, a.sx, quarter);
 }
 
+// The q and k rows of one patch, which turn by the same angles. AVX-512 bf16 rows of D = 64
+// (DINOv3's) put the angles in vector lane order once for both.
+template <bool kAvx512, typename scalar_t, typename acc_t>
+DF_ALWAYS_INLINE void rotate_qk(const scalar_t* qr, scalar_t* qw, const scalar_t* kr, scalar_t* kw,
+                                const AngleRow<acc_t>& a, int64_t quarter) {
+#ifdef DF_HAVE_AVX512_PATH
+  if constexpr (kAvx512 && std::is_same<scalar_t, c10::BFloat16>::value) {
+    if (quarter == 16) {
+      rotate_bf16_qk64(reinterpret_cast<const uint16_t*>(qr), reinterpret_cast<uint16_t*>(qw),
+                       reinterpret_cast<const uint16_t*>(kr), reinterpret_cast<uint16_t*>(kw), a.cy, a.sy, a.cx, a.sx);
+      return;
+    }
+  }
+#endif
+  rotate_row_any<kAvx512>(qr, qw, a, quarter);
+  rotate_row_any<kAvx512>(kr, kw, a, quarter);
+}
+
 template <typename scalar_t>
 DF_ALWAYS_INLINE void copy_row(const scalar_t* in, scalar_t* out, int64_t D) {
   if (in != out) std::memcpy(out, in, D * sizeof(scalar_t));
@@ -194,9 +212,7 @@ DF_ALWAYS_INLINE void do_row(const Job<scalar_t, acc_t>& j, int64_t b, int64_t t
     copy_row(kr, kw, D);
     return;
   }
-  const AngleRow<acc_t> a = angle_row(*j.tb, table, r, c, quarter);
-  rotate_row_any<kAvx512>(qr, qw, a, quarter);
-  rotate_row_any<kAvx512>(kr, kw, a, quarter);
+  rotate_qk<kAvx512>(qr, qw, kr, kw, angle_row(*j.tb, table, r, c, quarter), quarter);
 }
 
 // Image table and patch (r, c) of token t of batch row b; false for a prefix token.
@@ -229,8 +245,7 @@ DF_ALWAYS_INLINE void rotate_heads(const Job<scalar_t, acc_t>& j, int64_t b, int
   scalar_t* qw = j.qo + b * j.sqo[0] + t * j.sqo[1];
   scalar_t* kw = j.ko + b * j.sko[0] + t * j.sko[1];
   for (int64_t h = 0; h < j.g->H; ++h) {
-    rotate_row_any<kAvx512>(qr + h * j.sq[2], qw + h * j.sqo[2], a, quarter);
-    rotate_row_any<kAvx512>(kr + h * j.sk[2], kw + h * j.sko[2], a, quarter);
+    rotate_qk<kAvx512>(qr + h * j.sq[2], qw + h * j.sqo[2], kr + h * j.sk[2], kw + h * j.sko[2], a, quarter);
   }
 }
 
@@ -250,8 +265,7 @@ DF_ALWAYS_INLINE void rotate_head_tokens(const Job<scalar_t, acc_t>& j, int64_t 
     a.cx = cx0;
     a.sx = sx0;
     for (int64_t c = 0; c < g.wp; ++c, a.cx += quarter, a.sx += quarter) {
-      rotate_row_any<kAvx512>(qr, qw, a, quarter);
-      rotate_row_any<kAvx512>(kr, kw, a, quarter);
+      rotate_qk<kAvx512>(qr, qw, kr, kw, a, quarter);
       qr += j.sq[1]; kr += j.sk[1]; qw += j.sqo[1]; kw += j.sko[1];
     }
   }
