@@ -33,6 +33,9 @@ def _case(name):
     g = torch.Generator().manual_seed(0)
     C = torch.ops.dinofast_C
     freqs = rope_inv_freq(D, 100.0, None, torch.device("cpu"))
+    # a checkpoint's periods (the release stores them bf16-rounded), passed to every call
+    periods = (100.0 ** (torch.arange(D // 4, dtype=torch.float32) * 4 / D)).bfloat16().float()
+    freqs_p = 1.0 / periods
     cu = torch.tensor(LAYOUT.cu_seqlens, dtype=torch.int32)
     grids = torch.tensor(GRIDS, dtype=torch.int32)
     T = LAYOUT.total
@@ -40,9 +43,9 @@ def _case(name):
     qp, kp, vp = (torch.randn(T, H, D, generator=g) for _ in range(3))
     scale = D ** -0.5
 
-    def raw_rope_batched():
+    def raw_rope_batched(f=freqs):
         qo, ko = torch.empty_like(qb), torch.empty_like(kb)
-        C.rope2d(qb.transpose(1, 2), kb.transpose(1, 2), qo.transpose(1, 2), ko.transpose(1, 2), freqs, None, None,
+        C.rope2d(qb.transpose(1, 2), kb.transpose(1, 2), qo.transpose(1, 2), ko.transpose(1, 2), f, None, None,
                  2, 3, None, P, False)
         return qo, ko
 
@@ -54,11 +57,11 @@ def _case(name):
     def raw_rope_inplace():
         C.rope2d(qp[None], kp[None], qp[None], kp[None], freqs, cu, grids, 0, 0, None, P, False)
 
-    def raw_attention(rope):
+    def raw_attention(rope, f=freqs):
         def call():
             out, lse = torch.empty_like(qp), torch.empty(H, T)
             if rope:
-                C.varlen_attention_fwd(qp, kp, vp, out, lse, cu, LAYOUT.max_seqlen, scale, freqs, grids, None, P)
+                C.varlen_attention_fwd(qp, kp, vp, out, lse, cu, LAYOUT.max_seqlen, scale, f, grids, None, P)
             else:
                 C.varlen_attention_fwd(qp, kp, vp, out, lse, cu, LAYOUT.max_seqlen, scale, None, None, None, 0)
             return out
@@ -83,17 +86,23 @@ def _case(name):
     projector = dinofast.nn.PixelShuffleProjector(D, 8, 2, num_prefix_tokens=P).eval().requires_grad_(False)
     wp = projector.proj.weight
     spec = dinofast.RopeSpec(grids, P)
+    spec_p = dinofast.RopeSpec(grids, P, periods=periods)
     cases = {
         "rope2d batched": (lambda: dinofast.rope2d(qb, kb, (2, 3), num_prefix_tokens=P), raw_rope_batched),
         "rope2d packed": (lambda: dinofast.rope2d(qp, kp, grids, num_prefix_tokens=P, cu_seqlens=cu, layout=LAYOUT),
                           raw_rope_packed),
         "rope2d_ packed": (lambda: dinofast.rope2d_(qp, kp, grids, num_prefix_tokens=P, cu_seqlens=cu,
                                                     layout=LAYOUT), raw_rope_inplace),
+        "rope2d batched periods": (lambda: dinofast.rope2d(qb, kb, (2, 3), num_prefix_tokens=P, periods=periods),
+                                   lambda: raw_rope_batched(freqs_p)),
         "nn.RoPE2D batched": (lambda: rope_module(qb, kb, (2, 3)), raw_rope_batched),
         "varlen_attention": (lambda: dinofast.varlen_attention(qp, kp, vp, cu, LAYOUT.max_seqlen, layout=LAYOUT),
                              raw_attention(False)),
         "varlen_attention rope": (lambda: dinofast.varlen_attention(qp, kp, vp, cu, LAYOUT.max_seqlen, rope=spec,
                                                                     layout=LAYOUT), raw_attention(True)),
+        "varlen_attention rope periods": (lambda: dinofast.varlen_attention(qp, kp, vp, cu, LAYOUT.max_seqlen,
+                                                                            rope=spec_p, layout=LAYOUT),
+                                          raw_attention(True, freqs_p)),
         "flash_attn_varlen_func": (lambda: dinofast.flash_attn_varlen_func(qp, kp, vp, cu, cu, LAYOUT.max_seqlen,
                                                                            LAYOUT.max_seqlen), raw_attention(False)),
         "pixel_shuffle_project batched": (lambda: dinofast.pixel_shuffle_project(x_b, w, grids=(4, 4), factor=2,
@@ -112,9 +121,9 @@ def _raw_psp_module(C, x, w):
     return y.view(2, 4, 8)
 
 
-ROWS = ["rope2d batched", "rope2d packed", "rope2d_ packed", "nn.RoPE2D batched", "varlen_attention",
-        "varlen_attention rope", "flash_attn_varlen_func", "pixel_shuffle_project batched",
-        "pixel_shuffle_project packed", "nn.PixelShuffleProjector batched"]
+ROWS = ["rope2d batched", "rope2d packed", "rope2d_ packed", "rope2d batched periods", "nn.RoPE2D batched",
+        "varlen_attention", "varlen_attention rope", "varlen_attention rope periods", "flash_attn_varlen_func",
+        "pixel_shuffle_project batched", "pixel_shuffle_project packed", "nn.PixelShuffleProjector batched"]
 
 
 def alternate(wrapped, raw):

@@ -11,6 +11,7 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -212,10 +213,37 @@ def check_disjoint(a: torch.Tensor, a_arg: str, b: torch.Tensor, b_arg: str) -> 
          f"{b_arg} at offset {b.storage_offset()}, strides {b.stride()})")
 
 
-def check_periods(periods: torch.Tensor, arg: str) -> None:
-    """Periods must be finite and positive: a zero or NaN period gives NaN angles (the inverse
-    frequency is 1/period). On CPU the values are read here; on an accelerator the check is an
-    asynchronous device assertion (no host sync)."""
+def tracing(t: torch.Tensor) -> bool:
+    """True while a compiler traces (torch.compile, torch.export strict or not, jit): the tensors are
+    then fakes or proxies, so no data_ptr, version-keyed cache or eager-only op."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or (type(t) is not torch.Tensor and is_fake(t))  # a fake is a Tensor subclass (is_fake: ~1 us)
+            or torch._is_functional_tensor(t))
+
+
+def version_key(*tensors: Optional[torch.Tensor]) -> Optional[tuple]:
+    """A key that changes whenever one of `tensors` is replaced or modified in place (None for
+    inference tensors: they have no version counter, so nothing cached from them can be trusted).
+    Eager only: callers check `tracing` first (dynamo cannot trace is_inference, a fake has no
+    data_ptr)."""
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
+        if t.is_inference():
+            return None
+        key.append((t.data_ptr(), t._version, t.device, t.dtype, t.shape))
+    return tuple(key)
+
+
+def check_periods(periods, head_dim: int, arg: str) -> None:
+    """Periods [head_dim/4] must be finite and positive: a zero or NaN period gives NaN angles (the
+    inverse frequency is 1/period). On CPU the values are read here; on an accelerator the check is
+    an asynchronous device assertion (no host sync)."""
+    check_tensor(periods, arg, ndim=1)
+    if periods.numel() != head_dim // 4:
+        fail(arg, f"[head_dim/4] = [{head_dim // 4}]", f"shape {tuple(periods.shape)}")
     if not periods.is_floating_point():
         fail(arg, "a floating tensor of finite positive periods", periods.dtype)
     ok = (torch.isfinite(periods) & (periods > 0)).all()
@@ -260,20 +288,14 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def check_rope_extras(periods, coord_transform, head_dim: int, n: int, device: torch.device,
-                      prefix: str = "") -> Optional[torch.Tensor]:
-    """periods ([head_dim/4], finite positive) and coord_transform ([4] or [n, 4]) of a rotation,
-    named `prefix`periods / `prefix`coord_transform; returns coord_transform as contiguous float32
-    on `device` (or None)."""
-    if periods is not None:
-        check_tensor(periods, prefix + "periods", ndim=1)
-        if periods.numel() != head_dim // 4:
-            fail(prefix + "periods", f"[head_dim/4] = [{head_dim // 4}]", f"shape {tuple(periods.shape)}")
-        check_periods(periods, prefix + "periods")
+def check_coord_transform(coord_transform, n: int, device: torch.device,
+                          arg: str = "coord_transform") -> Optional[torch.Tensor]:
+    """coord_transform ([4] or [n, 4]) of a rotation of n images, named `arg`; returns it as
+    contiguous float32 on `device` (or None). (periods: check_periods, through rope_inv_freq.)"""
     if coord_transform is None:
         return None
-    check_tensor(coord_transform, prefix + "coord_transform")
+    check_tensor(coord_transform, arg)
     if coord_transform.numel() not in (4, 4 * n) or coord_transform.shape[-1] != 4:
-        fail(prefix + "coord_transform", f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
+        fail(arg, f"[4] or [{n}, 4] (shift_y, shift_x, scale_y, scale_x)",
              f"shape {tuple(coord_transform.shape)}")
     return coord_transform.to(device=device, dtype=torch.float32).contiguous()

@@ -160,6 +160,67 @@ def test_periods_override_theta(kernel_backend):
     assert (ref_q - theta_q).abs().max() > 1e-4, "bf16 periods must differ from theta's"
 
 
+def test_periods_changed_in_place_are_rechecked_and_reinverted(kernel_backend):
+    """The check and the inverse of a periods tensor are kept between calls (a checkpoint's periods go
+    to every layer): a change in place must reach the next call, a bad value as a ValueError and new
+    valid values in the result, out of place and in place (varlen_attention: its own test)."""
+    D, grid, P = 64, (4, 5), 5
+    q, k = batched_inputs(1, 2, grid, P, D)
+    # on the host, where the check reads the values (on a GPU it is an asynchronous assertion)
+    periods = 100.0 ** (torch.arange(D // 4, dtype=torch.float32) * 4 / D)
+    first, _ = dinofast.rope2d(q, k, grid, num_prefix_tokens=P, periods=periods)
+    assert_close(first, rope2d_reference(q, k, grid, num_prefix_tokens=P, periods=periods)[0])
+    q128, k128 = batched_inputs(1, 2, grid, P, 2 * D)
+    with pytest.raises(ValueError, match=r"periods.*\[32\]"):  # checked against each call's head dim
+        dinofast.rope2d(q128, k128, grid, num_prefix_tokens=P, periods=periods)
+    periods[3] = 0.0
+    with pytest.raises(ValueError, match="periods"):
+        dinofast.rope2d(q, k, grid, num_prefix_tokens=P, periods=periods)
+    with pytest.raises(ValueError, match="periods"):
+        dinofast.rope2d_(q.clone(), k.clone(), grid, num_prefix_tokens=P, periods=periods)
+    periods.copy_(periods.new_tensor([1.5 ** i for i in range(D // 4)]))
+    ref_q, ref_k = rope2d_reference(q, k, grid, num_prefix_tokens=P, periods=periods)
+    out_q, out_k = dinofast.rope2d(q, k, grid, num_prefix_tokens=P, periods=periods)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+    assert (out_q - first).abs().max() > 1e-2, "the new periods must rotate differently"
+    q2, k2 = q.clone(), k.clone()
+    dinofast.rope2d_(q2, k2, grid, num_prefix_tokens=P, periods=periods)
+    assert torch.equal(q2, out_q) and torch.equal(k2, out_k)
+
+
+def test_new_periods_tensors_each_get_their_own_values(kernel_backend):
+    """Fresh periods tensors, one per call and freed after it, often come back at the address (and
+    Python id) of the last one, with the same version: each must still rotate by its own values."""
+    D, grid, P = 64, (3, 4), 1
+    q, k = batched_inputs(1, 2, grid, P, D, seed=5)
+    base = 100.0 ** (torch.arange(D // 4, dtype=torch.float32) * 4 / D)
+    for i in range(12):
+        periods = base * (1.0 + 0.25 * i)
+        out_q, _ = dinofast.rope2d(q, k, grid, num_prefix_tokens=P, periods=periods)
+        assert_close(out_q, rope2d_reference(q, k, grid, num_prefix_tokens=P, periods=periods)[0])
+        del periods, out_q
+
+
+def test_periods_first_seen_in_inference_mode_then_trained(kernel_backend):
+    """The inverse kept for a periods tensor first used under inference_mode is a normal tensor: a
+    later differentiable call saves it for its backward, and the gradient is the reference's."""
+    D, grid, P = 64, (3, 4), 2
+    q, k = batched_inputs(1, 2, grid, P, D, seed=4)
+    periods = (100.0 ** (torch.arange(D // 4, dtype=torch.float32) * 4 / D)).bfloat16().float().to(DEVICE)
+    with torch.inference_mode():
+        dinofast.rope2d(q, k, grid, num_prefix_tokens=P, periods=periods)
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    out_q, out_k = dinofast.rope2d(qg, kg, grid, num_prefix_tokens=P, periods=periods)
+    w = randn(*out_q.shape, seed=9)
+    ((out_q * w).sum() + out_k.sum()).backward()
+    qr, kr = q.double().requires_grad_(), k.double().requires_grad_()
+    ref_q, ref_k = rope2d_reference(qr, kr, grid, num_prefix_tokens=P, periods=periods.double())
+    ((ref_q * w.double()).sum() + ref_k.sum()).backward()
+    assert_close(qg.grad, qr.grad, torch.float32)
+    assert_close(kg.grad, kr.grad, torch.float32)
+
+
 def test_coord_transform(kernel_backend):
     q, k, cu, g = packed_inputs([(3, 5), (4, 2), (1, 1)], 5, 2, 64)
     gen = torch.Generator().manual_seed(3)

@@ -261,6 +261,24 @@ def test_fused_rope_periods_and_coord_transform(kernel_backend):
     assert (out - rope2d_then_attention(q, k, v, cu, dinofast.RopeSpec(spec.grids, 5))).abs().max() > 1e-4
 
 
+def test_fused_rope_periods_changed_in_place(kernel_backend):
+    """The check and the inverse of rope.periods are kept between calls (a checkpoint's periods go to
+    every layer): a change in place reaches the next call, a NaN as a ValueError, new values in the
+    result. The periods live on the host, where the check reads them."""
+    D = 64
+    periods = 100.0 ** (torch.arange(D // 4, dtype=torch.float32) * 4 / D)
+    q, k, v, cu, spec, max_len = rope_case([(3, 5), (2, 2)], 1, 2, D, periods=periods)
+    first = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
+    assert_close(first, rope2d_then_attention(q, k, v, cu, spec))
+    periods[0] = float("nan")
+    with pytest.raises(ValueError, match="rope.periods"):
+        dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
+    periods.copy_(periods.new_tensor([1.5 ** i for i in range(D // 4)]))
+    out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=spec)
+    assert_close(out, rope2d_then_attention(q, k, v, cu, spec))
+    assert (out - first).abs().max() > 1e-3, "the new periods must rotate differently"
+
+
 def test_rope_grids_as_list(backend_name):
     q, k, v, cu, spec, max_len = rope_case([(2, 3), (1, 4)], 1, 2, 64)
     out = dinofast.varlen_attention(q, k, v, cu, max_len, rope=dinofast.RopeSpec([(2, 3), (1, 4)], 1))

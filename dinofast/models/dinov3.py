@@ -14,7 +14,7 @@ parameter, buffer or state-dict key changes, and `unpatch_dinov3` swaps the clas
       packed layout, with the bias and the MLP activation in the epilogue and LayerScale (folded
       into the weights) + residual in the o_proj/down_proj epilogues (oneDNN post-ops), which is
       most of the CPU speed-up over transformers. Eager only: while torch.compile / torch.export
-      trace, every layer takes the plain path (see _tracing).
+      trace, every layer takes the plain path (see dinofast._validate.tracing).
 The encoder is transformers' own; it hands the plan to every layer unchanged.
 
 `encode_packed` runs the same modules over one packed sequence of images of different sizes:
@@ -33,7 +33,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 
 from dinofast import _validate as V
 from dinofast._backend import forced_backend, load_C, why_unavailable
@@ -81,36 +80,15 @@ def _patch_size(config) -> Tuple[int, int]:
     return (int(p[0]), int(p[1])) if isinstance(p, (tuple, list)) else (int(p), int(p))
 
 
-def _tracing(t: Tensor) -> bool:
-    """True while a compiler traces the forward (torch.compile, torch.export strict or not, jit): the
-    tensors are then fakes or proxies, so no data_ptr, version-keyed cache or oneDNN-only op."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fake(t)
-            or torch._is_functional_tensor(t))
-
-
-def _version_key(*tensors: Tensor | None) -> tuple | None:
-    """A key that changes whenever one of `tensors` is replaced or modified in place (None for
-    inference tensors: they have no version counter, so nothing cached from them can be trusted)."""
-    key = []
-    for t in tensors:
-        if t is None:
-            key.append(None)
-            continue
-        if t.is_inference():
-            return None
-        key.append((t.data_ptr(), t._version, t.device, t.dtype, t.shape))
-    return tuple(key)
-
-
 def _stored_periods(rope_module) -> Tensor | None:
     """None when rope_module.inv_freq is transformers' default (the kernels then compute it from
     theta, bit for bit), else the periods 1/inv_freq (e.g. loaded from a checkpoint).
     Cached per inv_freq version so an eager forward costs no host sync. While a compiler traces,
     the value of inv_freq is unknown, so the periods are always 1/inv_freq (a node of the graph)."""
     inv = rope_module.inv_freq
-    if _tracing(inv):
+    if V.tracing(inv):
         return 1.0 / inv.float()
-    key = _version_key(inv)
+    key = V.version_key(inv)
     cached = rope_module.__dict__.get("_dinofast_periods")
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]
@@ -237,9 +215,9 @@ def _cached(module: nn.Module, name: str, sources: Sequence[Tensor | None], buil
     rebuilds it. Not kept (cached=False, build() called every time, differentiably) while a
     compiler traces (the graph gets the computation, which the compiler may constant-fold) or for
     inference tensors (no version counter)."""
-    if _tracing(sources[0]):
+    if V.tracing(sources[0]):
         return build(), False
-    key = _version_key(*sources)
+    key = V.version_key(*sources)
     if key is None:
         return build(), False
     slot = module.__dict__.get(name)
@@ -339,7 +317,7 @@ def _cpu_inference(layer, x: Tensor) -> bool:
     # Compilers take the plain path: Inductor does not lower mkldnn._linear_pointwise (it fuses
     # the same epilogues itself) and export has no fake kernel for it.
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not layer.training and x.is_contiguous() and not _tracing(x) and x.dtype in _onednn_dtypes()
+            and not layer.training and x.is_contiguous() and not V.tracing(x) and x.dtype in _onednn_dtypes()
             and x.dtype == layer.attention.o_proj.weight.dtype)
 
 
@@ -349,7 +327,7 @@ def _onednn_params(module: nn.Module, name: str, sources: Sequence[Tensor | None
     layout (blocked for AMX / AVX-512) and cached in `module` (see _cached): given a plain weight,
     oneDNN re-packs it on every call, which costs as much as the GEMM itself at a few hundred
     tokens. Costs one packed copy of each weight. Inference tensors: plain, built per call."""
-    if _version_key(*sources) is None:
+    if V.version_key(*sources) is None:
         return build()
 
     def packed():

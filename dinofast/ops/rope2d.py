@@ -9,6 +9,7 @@ into preallocated outputs that may alias the inputs (that is how rope2d_ works i
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple, Union
 
@@ -38,14 +39,45 @@ class RopeSpec:
     coord_transform: Optional[Tensor] = None
 
     def inv_freq(self, head_dim: int, device) -> Tensor:
-        return rope_inv_freq(head_dim, self.theta, self.periods, device)
+        """float32 [head_dim/4], computed afresh (the reference's; the ops use rope_inv_freq)."""
+        return inv_freq(head_dim, self.theta, self.periods, device=device).contiguous()
 
 
-def rope_inv_freq(head_dim: int, theta: float, periods: Optional[Tensor], device) -> Tensor:
-    """float32 [head_dim/4] on `device`: 1/periods when given, else transformers' 1/theta^(4k/D)."""
-    if periods is not None or torch.compiler.is_compiling():
+# id(periods) -> (a weak reference to it, its version_key, device, 1/periods there): a checkpoint's
+# periods go to every layer's call, so they are checked and inverted once per change of the tensor,
+# not per call (six small tensor ops, and a host read of the check on CPU). A plain dict: a
+# WeakIdKeyDictionary lookup costs a microsecond more per call.
+_PERIOD_INV_FREQ: dict = {}
+_PERIOD_INV_FREQ_MAX = 64  # entries of dead tensors go when the table is cleared at this size
+
+
+def rope_inv_freq(head_dim: int, theta: float, periods: Optional[Tensor], device, arg: str = "periods") -> Tensor:
+    """float32 [head_dim/4] on `device`: 1/periods when given (V.check_periods: a ValueError naming
+    `arg`), else transformers' 1/theta^(4k/D)."""
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    if periods is None:
+        if torch.compiler.is_compiling():
+            return inv_freq(head_dim, theta, device=device)
+        return _cached_inv_freq(head_dim, theta, device)
+    if not isinstance(periods, Tensor):
+        V.fail(arg, "a torch.Tensor", type(periods).__name__)
+    # the key: the tensor's version and storage, and the head dim its shape was checked against (a
+    # resize is an in-place change: a new version)
+    key = (None if periods.requires_grad or V.tracing(periods) or periods.is_inference()
+           else (periods._version, periods.data_ptr(), periods.dtype, head_dim))
+    if key is not None:
+        hit = _PERIOD_INV_FREQ.get(id(periods))
+        if hit is not None and hit[0]() is periods and hit[1] == key and hit[2] == device:
+            return hit[3]
+    V.check_periods(periods, head_dim, arg)
+    if key is None:
         return inv_freq(head_dim, theta, periods, device=device).contiguous()
-    return _cached_inv_freq(head_dim, theta, device if isinstance(device, torch.device) else torch.device(device))
+    with torch.inference_mode(False):  # a normal tensor, which a later backward may save
+        freqs = inv_freq(head_dim, theta, periods, device=device).contiguous()
+    if len(_PERIOD_INV_FREQ) >= _PERIOD_INV_FREQ_MAX:
+        _PERIOD_INV_FREQ.clear()
+    _PERIOD_INV_FREQ[id(periods)] = (weakref.ref(periods), key, device, freqs)
+    return freqs
 
 
 @functools.lru_cache(maxsize=64)
@@ -218,7 +250,7 @@ def _prepare(q, k, grids, num_prefix_tokens, theta, periods, cu_seqlens, coord_t
                    f"{num_prefix_tokens + hp * wp} tokens (q is [B, H, N, D])", q.shape[2])
         grids = layout = None
         max_seqlen = q.shape[2]
-    coord_transform = V.check_rope_extras(periods, coord_transform, D, n, q.device)
+    coord_transform = V.check_coord_transform(coord_transform, n, q.device)
     freqs = rope_inv_freq(D, theta, periods, q.device)
     return _Args(V.unit_last_stride(q), V.unit_last_stride(k), freqs, cu_seqlens, grids, hp, wp, coord_transform,
                  num_prefix_tokens, max_seqlen, layout)

@@ -271,8 +271,8 @@ def _prepare(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rope, layout) -> _A
                                         grids_arg="rope.grids", prefix_arg="rope.num_prefix_tokens", n=n)
         grids = V.contiguous(grids)
         V.check_finite(rope.theta, "rope.theta")
-        coord_transform = V.check_rope_extras(rope.periods, rope.coord_transform, D, n, q.device, "rope.")
-        freqs = rope_inv_freq(D, rope.theta, rope.periods, q.device)
+        coord_transform = V.check_coord_transform(rope.coord_transform, n, q.device, "rope.coord_transform")
+        freqs = rope_inv_freq(D, rope.theta, rope.periods, q.device, "rope.periods")
     else:
         check_layout(layout, cu_seqlens, q.shape[0], "q.shape[0] (T)")
     if layout is not None:
