@@ -88,6 +88,30 @@ def test_stored_periods_are_used():
     assert max_diff(run(dinofast.patch_dinov3(model), x).last_hidden_state, ref) <= MODEL_ATOL
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_stored_periods_checked_once(monkeypatch, mode):
+    """A checkpoint's periods go to every layer's rope call: they are checked (and inverted) in the
+    first call only, also when the first forward runs under inference_mode (whose tensors have no
+    version counter to key a cache by), and the results stay the unpatched model's."""
+    from dinofast import _validate
+
+    model = random_model()
+    rope = model.rope_embeddings
+    rope.inv_freq = 1 / ((1 / rope.inv_freq).to(torch.bfloat16).float() * 1.3)
+    x = torch.stack(images([(64, 96)] * 2))
+    ref = run(model, x).last_hidden_state
+    dinofast.patch_dinov3(model)
+    calls = []
+    check = _validate.check_periods
+    monkeypatch.setattr(_validate, "check_periods", lambda *a, **kw: (calls.append(a), check(*a, **kw)))
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    for _ in range(2):
+        with context():
+            assert max_diff(model(x).last_hidden_state, ref) <= MODEL_ATOL
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 1, f"periods checked {len(calls)} times in 2 forwards of {layers} layers"
+
+
 def test_train_mode_reproduces_coordinate_augmentation():
     model = random_model(pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=2.0).train()
     x = torch.stack(images([(64, 96)] * 2))

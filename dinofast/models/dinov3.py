@@ -93,7 +93,11 @@ def _stored_periods(rope_module) -> Tensor | None:
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     default = default_inv_freq(rope_module.head_dim, rope_module.base, device=inv.device)
-    periods = None if torch.equal(inv.float(), default) else (1.0 / inv.float()).contiguous()
+    # a normal tensor even when first made under inference_mode: the ops then keep its check and
+    # inverse between calls (an inference tensor has no version counter, so they could not), and a
+    # later training forward may save it for its backward
+    with torch.inference_mode(False):
+        periods = None if torch.equal(inv.float(), default) else (1.0 / inv.float()).contiguous()
     rope_module.__dict__["_dinofast_periods"] = (key, periods)
     return periods
 
