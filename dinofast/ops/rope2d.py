@@ -43,7 +43,7 @@ class RopeSpec:
         return inv_freq(head_dim, self.theta, self.periods, device=device).contiguous()
 
 
-# id(periods) -> (a weak reference to it, its version_key, device, 1/periods there): a checkpoint's
+# id(periods) -> (a weak reference to it, its key below, device, 1/periods there): a checkpoint's
 # periods go to every layer's call, so they are checked and inverted once per change of the tensor,
 # not per call (six small tensor ops, and a host read of the check on CPU). A plain dict: a
 # WeakIdKeyDictionary lookup costs a microsecond more per call.
