@@ -52,6 +52,9 @@ constexpr int64_t kMaxBlocksPerTask = 16;
 constexpr int64_t kBlockBwd = 256; // backward query and key tiles
 constexpr float kLog2e = 1.44269504088896341f;
 
+// p + i, or null where the optional row p is (lse_log2e: null when the fused exp is off).
+inline const float* offset_or_null(const float* p, int64_t i) { return p != nullptr ? p + i : nullptr; }
+
 // Per-thread scratch buffers start on a cache line: an AMX tile row (64 bytes) that straddles two
 // lines splits every tile load and store (O += P V ran 3x slower from malloc's 16-byte alignment).
 template <typename T>
@@ -1620,7 +1623,7 @@ DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_
     float* s_next = s_buf + (next % 2) * 2 * kTile;
     const int total = i + 1 < n_items ? 2 * score_steps(D) : 0;
     if (rows == kAmxRows && cols == kAmxKeys && total == BwdFullItem::kTotal) {
-      run_unrolled(BwdFullItem{s, lse + c0, lse_log2e != nullptr ? lse_log2e + c0 : nullptr, delta + c0,
+      run_unrolled(BwdFullItem{s, lse + c0, offset_or_null(lse_log2e, c0), delta + c0,
                                pt + g0 * ld_out + c0, dst + g0 * ld_out + c0, ld_out, scale, k_next, v_next, qt_next,
                                gt_next, s_next});
       continue;
@@ -1628,7 +1631,7 @@ DF_AMX void probs_and_grads_amx_d64(const uint16_t* k, const uint16_t* v, int64_
     int issued = 0;
     for (int64_t r = 0; r < rows; ++r) {
       probs_and_grads_to_bf16_avx512(s + r * kAmxKeys, s + kTile + r * kAmxKeys, cols, scale, lse + c0,
-                                     lse_log2e != nullptr ? lse_log2e + c0 : nullptr, delta + c0,
+                                     offset_or_null(lse_log2e, c0), delta + c0,
                                      pt + (g0 + r) * ld_out + c0, dst + (g0 + r) * ld_out + c0);
       for (const int until = int(total * (r + 1) / rows); issued < until; ++issued)
         bwd_scores_step(issued, k_next, v_next, qt_next, gt_next, s_next);
@@ -1857,7 +1860,7 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
         if (amx) {  // S^T, dP^T on AMX tiles of its own, between the rows of the elementwise pass
           amx_begin();
           probs_and_grads_amx_d64(krows + k0 * D, vrows + k0 * D, N, qt_pack, gt_pack, M, p.scale, lse_row + q0,
-                                  lse_log2e != nullptr ? lse_log2e + q0 : nullptr, st.delta.data() + q0,
+                                  offset_or_null(lse_log2e, q0), st.delta.data() + q0,
                                   st.amx_s.data(), Pt, dSt, kLdPBwd);
           amx_end();  // and torch's brgemm loads its own configuration again
         }
@@ -1867,7 +1870,7 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
           gemm_packed<scalar_t>(Nm, M, D, vrows + k0 * D, D, gt_pack, D * kPackN, dP, kLdSBwd, false, true);  // dP^T = V dO^T
           for (int64_t r = 0; r < N; ++r)
             probs_and_grads_to_lp<scalar_t>(S + r * kLdSBwd, dP + r * kLdSBwd, M, p.scale, lse_row + q0,
-                                            lse_log2e != nullptr ? lse_log2e + q0 : nullptr, st.delta.data() + q0,
+                                            offset_or_null(lse_log2e, q0), st.delta.data() + q0,
                                             Pt + r * kLdPBwd, dSt + r * kLdPBwd);
         }
         for (int64_t r = 0; r < N; ++r) {

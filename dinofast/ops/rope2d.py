@@ -59,8 +59,7 @@ def rope_inv_freq(head_dim: int, theta: float, periods: Optional[Tensor], device
         if torch.compiler.is_compiling():
             return inv_freq(head_dim, theta, device=device)
         return _cached_inv_freq(head_dim, theta, device)
-    if not isinstance(periods, Tensor):
-        V.fail(arg, "a torch.Tensor", type(periods).__name__)
+    V.check_tensor(periods, arg)  # before the key reads its attributes
     # the key: the tensor's version and storage, and the head dim its shape was checked against (a
     # resize is an in-place change: a new version)
     key = (None if periods.requires_grad or V.tracing(periods) or periods.is_inference()
