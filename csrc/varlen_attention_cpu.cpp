@@ -1897,12 +1897,15 @@ void backward_cpu_lp(const Problem& p, const at::Tensor& dout, const at::Tensor&
   });
 }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType t, F f) {
+// Runs fp32_path(scalar_t()) (fp32 accumulation on the fp32 kernels: every fp32 problem, and fp16/bf16
+// where oneDNN has no packed-B kernels) or lp_path(scalar_t()) (low-precision gemms) for dtype t.
+template <typename Fp32Path, typename LpPath>
+void dispatch_path(at::ScalarType t, Fp32Path fp32_path, LpPath lp_path) {
+  const bool lp = use_low_precision_gemms(t);
   switch (t) {
-    case at::kFloat: f(float()); break;
-    case at::kHalf: f(at::Half()); break;
-    case at::kBFloat16: f(at::BFloat16()); break;
+    case at::kFloat: fp32_path(float()); break;
+    case at::kHalf: lp ? lp_path(at::Half()) : fp32_path(at::Half()); break;
+    case at::kBFloat16: lp ? lp_path(at::BFloat16()) : fp32_path(at::BFloat16()); break;
     default: TORCH_CHECK(false, "varlen_attention: expected float32/float16/bfloat16, got ", t);
   }
 }
@@ -1934,18 +1937,10 @@ void varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const RopeInput ri = rope_input(p, inv_freq, grids, coord_transform);
   const auto segs = read_segments(cu_seqlens, p, ri.grids);
   if (p.T == 0 || p.H == 0) return;
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    if constexpr (std::is_same<scalar_t, float>::value) {
-      forward_cpu<scalar_t>(p, q, k, v, out, lse, segs, ri);
-    } else {
-      if (use_low_precision_gemms(q.scalar_type())) {
-        forward_cpu_lp<scalar_t>(p, q, k, v, out, lse, segs, ri);
-      } else {
-        forward_cpu<scalar_t>(p, q, k, v, out, lse, segs, ri);
-      }
-    }
-  });
+  dispatch_path(
+      q.scalar_type(),
+      [&](auto tag) { forward_cpu<decltype(tag)>(p, q, k, v, out, lse, segs, ri); },
+      [&](auto tag) { forward_cpu_lp<decltype(tag)>(p, q, k, v, out, lse, segs, ri); });
 }
 
 void varlen_attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -1958,18 +1953,10 @@ void varlen_attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const
   const RopeInput ri = rope_input(p, inv_freq, grids, coord_transform);
   const auto segs = read_segments(cu_seqlens, p, ri.grids);
   if (p.T == 0 || p.H == 0) return;
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    if constexpr (std::is_same<scalar_t, float>::value) {
-      backward_cpu<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri);
-    } else {
-      if (use_low_precision_gemms(q.scalar_type())) {
-        backward_cpu_lp<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri);
-      } else {
-        backward_cpu<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri);
-      }
-    }
-  });
+  dispatch_path(
+      q.scalar_type(),
+      [&](auto tag) { backward_cpu<decltype(tag)>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri); },
+      [&](auto tag) { backward_cpu_lp<decltype(tag)>(p, dout, q, k, v, out, lse, dq, dk, dv, segs, ri); });
 }
 
 }  // namespace
