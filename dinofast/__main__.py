@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from dinofast._cli import Parser, positive_int  # light: no torch import
+from dinofast._cli import Parser, keep_freed_memory, positive_int  # light: no torch import
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check": ("dinofast.__main__",
@@ -107,5 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     return _run_subcommand("check", argv)  # options only: the default subcommand
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The `dinofast` executable and `python -m dinofast` (main, for a process of its own): `extract`
+    runs with glibc keeping freed memory (see keep_freed_memory)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "extract":
+        keep_freed_memory()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -132,3 +132,47 @@ def test_python_m_dinofast_is_the_check(monkeypatch):
 def test_checks_registry_is_complete():
     assert set(_checks.CHECKS) == {"rope2d", "varlen_attention", "pixel_shuffle_project"}
     assert all(0 < atol <= 1e-4 for _, atol in _checks.CHECKS.values())
+
+
+# Allocates, touches and frees three 30 MB blocks (under glibc's 32 MiB mmap ceiling, so from the heap
+# once the dynamic threshold has risen), three times, and prints the minor page faults of the last
+# round: glibc trims the freed heap top (90 MB > its 64 MiB threshold) unless told to keep it.
+_HEAP_CHURN = """
+import resource, sys
+from dinofast._cli import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def churn():
+    blocks = [bytearray(30 << 20) for _ in range(3)]  # zero-filled: every page written
+    del blocks
+for _ in range(2):
+    churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_glibc_returning_the_heap():
+    def faults(mode):
+        r = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode], capture_output=True, text=True, check=True,
+                           timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        return int(r.stdout)
+
+    pages = 3 * (30 << 20) // 4096
+    default, kept = faults("default"), faults("keep")
+    assert default > pages // 2, f"glibc kept the heap even by default ({default} faults): the test shows nothing"
+    assert kept < pages // 20, f"{kept} page faults after keep_freed_memory() (default: {default})"
+
+
+@pytest.mark.parametrize("argv, keeps", [(["extract", "--help"], True), (["check", "--help"], False),
+                                         (["--help"], False)])
+def test_only_extract_keeps_freed_memory(monkeypatch, argv, keeps):
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    try:
+        cli.cli(argv)
+    except SystemExit as e:  # argparse's --help
+        assert e.code == 0
+    assert bool(calls) == keeps
