@@ -90,6 +90,42 @@ def kernel_backend(request):
         yield request.param
 
 
+def skip_unless_available(backend: str, device: str = "cpu") -> None:
+    """pytest.skip with the backend's own reason where it cannot run on `device`."""
+    reason = _backend.why_unavailable(backend, device)
+    if reason:
+        pytest.skip(reason=f"{backend} on {device}: {reason}")
+
+
+def value_error_test(cases):
+    """A test, parametrized over `cases()` (a list of (regex, call)), that each call raises a ValueError
+    matching its regex. Python validation runs before dispatch: once, not once per backend."""
+    @pytest.mark.parametrize("case", range(len(cases())))
+    def test(case):
+        pattern, call = cases()[case]
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    return test
+
+
+needs_C = pytest.mark.skipif(_backend.load_C() is None, reason="dinofast._C is not built")
+
+
+def assert_compiles_like_eager(f, inputs) -> None:
+    """f(*inputs) (a scalar) and its gradients w.r.t. every input: torch.compile(fullgraph=True)
+    equal to eager. aot_eager traces the ops' fake and autograd registrations into one graph, which is
+    what breaks a fullgraph compile; Inductor's own codegen is not under test."""
+    eager_in = [t.clone().requires_grad_() for t in inputs]
+    eager = f(*eager_in)
+    eager.backward()
+    compiled_in = [t.clone().requires_grad_() for t in inputs]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*compiled_in)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for c, e in zip(compiled_in, eager_in):
+        torch.testing.assert_close(c.grad, e.grad)
+
+
 # Low-precision attention, flash-attention's rule: the error of a backend against the fp64 oracle
 # at most twice that of the same computation in PyTorch in the input dtype (plus an fp32 floor).
 FLASH_RULE_FACTOR, FLASH_RULE_FLOOR = 2.0, 1e-5

@@ -7,7 +7,7 @@ import torch
 
 import dinofast
 from dinofast import PackedLayout
-from tests.conftest import DEVICE, make_cu_seqlens, randn
+from tests.conftest import DEVICE, make_cu_seqlens, randn, value_error_test
 
 GRIDS = [(2, 3), (4, 2), (1, 1)]
 P, H, D = 5, 2, 16
@@ -176,11 +176,7 @@ def _layout_mismatches():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_layout_mismatches())))
-def test_layout_that_disagrees_with_the_tensors_raises(case):
-    pattern, call = _layout_mismatches()[case]
-    with pytest.raises(ValueError, match=pattern):
-        call()
+test_layout_that_disagrees_with_the_tensors_raises = value_error_test(_layout_mismatches)
 
 
 def test_layout_checks_its_own_values():

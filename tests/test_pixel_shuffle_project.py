@@ -11,7 +11,8 @@ from dinofast import _backend
 from dinofast.reference.pixel_shuffle_project import (
     pixel_shuffle, pixel_shuffle_project_reference, shuffle_source_rows)
 from tests.conftest import (
-    DEVICE, assert_close, assert_flash_rule, assert_nan_like, make_cu_seqlens, randn, with_debug_checks)
+    DEVICE, assert_close, assert_compiles_like_eager, assert_flash_rule, assert_nan_like, make_cu_seqlens, needs_C,
+    randn, skip_unless_available, value_error_test, with_debug_checks)
 
 # (grid, factor): rectangles for every s in {1, 2, 3, 4}
 GRIDS = [((3, 5), 1), ((4, 6), 2), ((6, 3), 3), ((8, 4), 4)]
@@ -561,9 +562,7 @@ def test_shuffled_grid():
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_torch_compile_fullgraph(backend, packed):
-    reason = dinofast._backend.why_unavailable(backend, "cpu")
-    if reason:
-        pytest.skip(reason=f"{backend}: {reason}")
+    skip_unless_available(backend)
     if packed:
         x0, w0, b0, cu, g = (t.cpu() for t in packed_inputs([(4, 6), (2, 4)], 5, 24, 40, 2))
         kw = dict(grids=g, factor=2, num_prefix_tokens=5, cu_seqlens=cu)
@@ -577,15 +576,7 @@ def test_torch_compile_fullgraph(backend, packed):
         return (y * y).sum()
 
     with dinofast.backend(backend):
-        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
-        eager = f(*leaves)
-        eager.backward()
-        cleaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*cleaves)
-        compiled.backward()
-    torch.testing.assert_close(compiled, eager)
-    for c, e in zip(cleaves, leaves):
-        torch.testing.assert_close(c.grad, e.grad)
+        assert_compiles_like_eager(f, [x0, w0, b0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,17 +624,11 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_bad_cases())))
-def test_bad_input_raises_value_error(case):
-    """Raised before dispatch: once, not once per backend."""
-    pattern, call = _bad_cases()[case]
-    with pytest.raises(ValueError, match=pattern):
-        call()
+test_bad_input_raises_value_error = value_error_test(_bad_cases)
 
 
+@needs_C
 def test_cpp_checks_its_inputs():
-    if dinofast._backend.load_C() is None:
-        pytest.skip(reason="dinofast._C is not built")
     op = torch.ops.dinofast_C.pixel_shuffle_project
     x, w = torch.randn(1, 29, 8), torch.randn(12, 32)
     y = torch.empty(6, 12)

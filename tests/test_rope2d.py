@@ -5,7 +5,18 @@ from hypothesis import given, strategies as st
 
 import dinofast
 from dinofast.reference.rope2d import inv_freq, rope2d_reference
-from tests.conftest import DEVICE, assert_close, assert_nan_like, make_cu_seqlens, randn, with_debug_checks
+from tests.conftest import (
+    DEVICE,
+    assert_close,
+    assert_compiles_like_eager,
+    assert_nan_like,
+    make_cu_seqlens,
+    needs_C,
+    randn,
+    skip_unless_available,
+    value_error_test,
+    with_debug_checks,
+)
 
 GRIDS = [(4, 4), (3, 7), (1, 6), (6, 1), (1, 1)]
 
@@ -487,25 +498,15 @@ def test_module(kernel_backend):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_torch_compile_fullgraph(backend):
-    if dinofast._backend.why_unavailable(backend, "cpu"):
-        pytest.skip(reason=f"{backend}: {dinofast._backend.why_unavailable(backend, 'cpu')}")
+    skip_unless_available(backend)
     q0, k0 = batched_inputs(2, 2, (3, 4), 5, 64, layout="bnhd")
-    q0, k0 = q0.cpu(), k0.cpu()
 
     def f(q, k):
         rq, rk = dinofast.rope2d(q * 2, k, (3, 4), num_prefix_tokens=5)
         return (rq * rk).sum()
 
     with dinofast.backend(backend):
-        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-        eager = f(q, k)
-        eager.backward()
-        qc, kc = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(qc, kc)
-        compiled.backward()
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(qc.grad, q.grad)
-    torch.testing.assert_close(kc.grad, k.grad)
+        assert_compiles_like_eager(f, [q0.cpu(), k0.cpu()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,18 +561,11 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_bad_cases())))
-def test_bad_input_raises_value_error(case):
-    """Raised before dispatch: once, not once per backend."""
-    arg, call = _bad_cases()[case]
-    with pytest.raises(ValueError, match=arg):
-        call()
+test_bad_input_raises_value_error = value_error_test(_bad_cases)
 
 
+@needs_C
 def test_cpp_checks_its_inputs():
-    if dinofast._backend.load_C() is None:
-        pytest.skip(reason="dinofast._C is not built")
-
     q = torch.randn(1, 7, 2, 64)
     freqs = inv_freq(64)
     op = torch.ops.dinofast_C.rope2d

@@ -13,8 +13,8 @@ from dinofast import _backend
 from dinofast.reference.rope2d import rope2d_reference
 from dinofast.reference.varlen_attention import dense_masked_attention, varlen_attention_reference
 from tests.conftest import (
-    DEVICE, GRAD_FP32_ACCUM_ATOL, TOL, assert_close, assert_flash_rule, assert_nan_like, make_cu_seqlens, randn,
-    with_debug_checks)
+    DEVICE, GRAD_FP32_ACCUM_ATOL, TOL, assert_close, assert_compiles_like_eager, assert_flash_rule, assert_nan_like,
+    make_cu_seqlens, needs_C, randn, skip_unless_available, value_error_test, with_debug_checks)
 
 # Backends that accumulate in fp32 and round once (no tensor-core rounding of P or of the tiles).
 FP32_ACCUMULATING = ("reference", "cpp")
@@ -435,8 +435,7 @@ def test_matches_flash_attn_where_installed():
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("rope", [False, True])
 def test_torch_compile_fullgraph(backend, rope):
-    if _backend.why_unavailable(backend, "cpu"):
-        pytest.skip(reason=f"{backend}: {_backend.why_unavailable(backend, 'cpu')}")
+    skip_unless_available(backend)
     grids = torch.tensor([[3, 4], [1, 2]], dtype=torch.int32)
     spec = dinofast.RopeSpec(grids, 5) if rope else None
     cu = make_cu_seqlens([17, 7], device="cpu")
@@ -446,15 +445,7 @@ def test_torch_compile_fullgraph(backend, rope):
         return (dinofast.varlen_attention(q * 2, k, v, cu, 17, rope=spec) ** 2).sum()
 
     with dinofast.backend(backend):
-        eager_in = [x.clone().requires_grad_() for x in (q0, k0, v0)]
-        eager = f(*eager_in)
-        eager.backward()
-        comp_in = [x.clone().requires_grad_() for x in (q0, k0, v0)]
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*comp_in)
-        compiled.backward()
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(comp_in, eager_in):
-        torch.testing.assert_close(a.grad, b.grad)
+        assert_compiles_like_eager(f, [q0, k0, v0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,12 +494,7 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_bad_cases())))
-def test_bad_input_raises_value_error(case):
-    """Raised before dispatch: once, not once per backend."""
-    arg, call = _bad_cases()[case]
-    with pytest.raises(ValueError, match=arg):
-        call()
+test_bad_input_raises_value_error = value_error_test(_bad_cases)
 
 
 def test_max_seqlen_error_names_the_numbers():
@@ -521,9 +507,8 @@ def test_max_seqlen_error_names_the_numbers():
         dinofast.varlen_attention(q, k, v, cu, 5, layout=dinofast.PackedLayout.from_lengths([4, 6]))
 
 
+@needs_C
 def test_cpp_checks_its_inputs():
-    if _backend.load_C() is None:
-        pytest.skip(reason="dinofast._C is not built")
     op = torch.ops.dinofast_C.varlen_attention_fwd
     q = torch.randn(10, 2, 64)
     lse = torch.empty(2, 10)
