@@ -28,7 +28,7 @@ import dinofast
 from benchmarks.conftest import DEVICE, THREADS, interleaved
 
 DTYPES = [torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32, torch.bfloat16]
-DTYPE = DTYPES[0]  # the one dtype of benchmarks/test_vision_tower.py
+DTYPE = DTYPES[0]  # the default dtype of benchmarks/test_vision_tower.py
 VARIANTS = {"S": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),
             "B": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)}
 MODELS = [m for m in os.environ.get("DINOFAST_BENCH_MODELS", "S,B").split(",") if m in VARIANTS]
@@ -63,12 +63,12 @@ def models_for(variant, dtype):
     return _models[(variant, dtype)]
 
 
-def model_for(variant):
-    """One ViT-`variant` in DTYPE that its user patches and unpatches (benchmarks/test_vision_tower.py;
+def model_for(variant, dtype=DTYPE):
+    """One ViT-`variant` in `dtype` that its user patches and unpatches (benchmarks/test_vision_tower.py;
     cached per session, apart from models_for's copies)."""
-    if variant not in _models:
-        _models[variant] = _random_model(variant, DTYPE)
-    return _models[variant]
+    if (variant, dtype, "own") not in _models:
+        _models[variant, dtype, "own"] = _random_model(variant, dtype)
+    return _models[variant, dtype, "own"]
 
 
 def inference(fn):

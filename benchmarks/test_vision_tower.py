@@ -8,10 +8,11 @@ Rows (`IMPLS`):
   vision-tower             dinofast.VisionTower: one packed encoder pass + one packed projection
 
     pytest benchmarks/test_vision_tower.py --benchmark-only          (pytest-benchmark rows)
-    python -m benchmarks.test_vision_tower [rounds] [threads]         (rows alternated call by call)
+    python -m benchmarks.test_vision_tower [rounds] [threads] [dtype] (rows alternated call by call)
 
-`build_case(variant)` returns (run functions by row name, images): what a bench command calls.
-Target (CPU): vision-tower >= 1.5x transformers-per-image. On GPU the rows run in bf16.
+`build_case(variant, dtype=...)` returns (run functions by row name, images): what a bench command
+calls. Target (CPU): vision-tower >= 1.5x transformers-per-image. On CPU the rows run in fp32 and
+bf16 (dtype: float32 or bfloat16, default float32), on GPU in bf16.
 """
 import os
 import random
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 import dinofast
-from benchmarks.test_dinov3 import DTYPE, MODELS, model_for
+from benchmarks.test_dinov3 import DTYPE, DTYPES, MODELS, model_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = ("transformers-per-image", "dinofast-patched-per-image", "vision-tower")
@@ -43,15 +44,15 @@ def nanovlm_project(patches, weight, Hp, Wp, s):
     return torch.nn.functional.linear(x.reshape(B, (Hp // s) * (Wp // s), D * s * s), weight)
 
 
-def build_case(variant, n=8, seed=0):
+def build_case(variant, n=8, seed=0, dtype=DTYPE):
     """({row name: zero-argument callable returning the [sum tokens, 960] embeds}, images)."""
-    model = model_for(variant)
+    model = model_for(variant, dtype)
     D = model.config.hidden_size
     torch.manual_seed(seed)
     projector = dinofast.nn.PixelShuffleProjector(D, LM_WIDTH, FACTOR, num_prefix_tokens=PREFIX)
-    projector = projector.to(device=DEVICE, dtype=DTYPE)
+    projector = projector.to(device=DEVICE, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
-    images = [torch.randn(3, h, w, generator=g).to(device=DEVICE, dtype=DTYPE) for h, w in mixed_cell_sizes(n, seed)]
+    images = [torch.randn(3, h, w, generator=g).to(device=DEVICE, dtype=dtype) for h, w in mixed_cell_sizes(n, seed)]
     tower = dinofast.VisionTower(model, projector)
     weight = projector.proj.weight
 
@@ -88,20 +89,22 @@ def build_case(variant, n=8, seed=0):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("variant", MODELS)
-def test_vision_tower(bench, benchmark, variant, impl):
-    runs, images = build_case(variant)
+def test_vision_tower(bench, benchmark, variant, dtype, impl):
+    runs, images = build_case(variant, dtype=dtype)
     benchmark.extra_info["sizes"] = [tuple(t.shape[1:]) for t in images]
     try:
-        bench(runs[impl], f"vision tower 8 mixed images ViT-{variant} s={FACTOR} -> {LM_WIDTH}")
+        bench(runs[impl], f"vision tower 8 mixed images ViT-{variant} {str(dtype).removeprefix('torch.')} "
+                          f"s={FACTOR} -> {LM_WIDTH}")
     finally:
-        dinofast.unpatch_dinov3(model_for(variant))
+        dinofast.unpatch_dinov3(model_for(variant, dtype))
 
 
-def alternating(variant, rounds=3):
+def alternating(variant, rounds=3, dtype=DTYPE):
     """Median seconds per row, rows called in turn (A B C A B C ...) after one warm-up call each,
     and the max abs difference of each row's embeds from the transformers loop's."""
-    runs, images = build_case(variant)
+    runs, images = build_case(variant, dtype=dtype)
     want = runs["transformers-per-image"]()
     diffs = {name: (fn() - want).abs().max().item() for name, fn in runs.items()}  # also the warm-up
     times = {name: [] for name in runs}
@@ -114,18 +117,21 @@ def alternating(variant, rounds=3):
             if DEVICE.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-    dinofast.unpatch_dinov3(model_for(variant))
+    dinofast.unpatch_dinov3(model_for(variant, dtype))
     return {name: (statistics.median(t), min(t), diffs[name]) for name, t in times.items()}, images
 
 
 def main(argv):
     rounds = int(argv[1]) if len(argv) > 1 else 3
     threads = int(argv[2]) if len(argv) > 2 else torch.get_num_threads()
+    dtype = getattr(torch, argv[3], None) if len(argv) > 3 else DTYPE
+    if dtype not in DTYPES:
+        raise SystemExit(f"dtype: expected one of {[str(d).removeprefix('torch.') for d in DTYPES]}, got {argv[3]!r}")
     torch.set_num_threads(threads)
-    print(f"device {DEVICE.type}, dtype {DTYPE}, torch threads {torch.get_num_threads()}, rounds {rounds}, "
+    print(f"device {DEVICE.type}, dtype {dtype}, torch threads {torch.get_num_threads()}, rounds {rounds}, "
           f"load average {os.getloadavg()}", flush=True)
     for variant in MODELS:
-        rows, images = alternating(variant, rounds)
+        rows, images = alternating(variant, rounds, dtype)
         print(f"\nViT-{variant}, sizes {[tuple(t.shape[1:]) for t in images]}")
         base = rows["transformers-per-image"]
         for name, (med, low, diff) in rows.items():
