@@ -91,29 +91,29 @@ def _time_group(benchmark, group, rows, baseline):
     benchmark.pedantic(lambda: [fn() for fn in rows.values()], rounds=1, iterations=1)
 
 
-def _dtype_id(dtype):
+def dtype_id(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("variant", MODELS)
 def test_forward(benchmark, variant, size, dtype):
     plain, patched = models_for(variant, dtype)
     x = torch.randn(1, 3, *size, device=DEVICE, dtype=dtype)
-    _time_group(benchmark, f"dinov3 forward ViT-{variant} {size[0]}x{size[1]} B=1 {_dtype_id(dtype)}",
+    _time_group(benchmark, f"dinov3 forward ViT-{variant} {size[0]}x{size[1]} B=1 {dtype_id(dtype)}",
                 {"transformers-sdpa": lambda: plain(x), "dinofast-patched": lambda: patched(x)},
                 "transformers-sdpa")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("variant", MODELS)
 def test_mixed_batch(benchmark, variant, dtype):
     plain, patched = models_for(variant, dtype)
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(3, h, w, generator=g).to(device=DEVICE, dtype=dtype) for h, w in mixed_sizes()]
     benchmark.extra_info["sizes"] = [tuple(t.shape[1:]) for t in images]
-    _time_group(benchmark, f"dinov3 8 mixed images ViT-{variant} {_dtype_id(dtype)}", {
+    _time_group(benchmark, f"dinov3 8 mixed images ViT-{variant} {dtype_id(dtype)}", {
         "transformers-per-image": lambda: [plain(img[None]) for img in images],
         "dinofast-patched-per-image": lambda: [patched(img[None]) for img in images],
         "encode_packed": lambda: dinofast.encode_packed(patched, images),

@@ -5,8 +5,8 @@ a safetensors shard, ViT-S dimensions with random weights, 64 generated images o
 
     pytest benchmarks/test_extract.py --benchmark-only -s
 
-Both rows run in fp32 and, where the CPU computes bf16 natively (oneDNN's bf16 check; on GPU
-only bf16), in bf16: the per-image model in that dtype, `dinofast extract --dtype`.
+Both rows run in each dtype of the model benchmarks (CPU: fp32 and bf16; GPU: bf16): the
+per-image model in that dtype, `dinofast extract --dtype`.
 
 Target: packed >= 1.3x the per-image loop in images/s, checked by the packed row when the per-image
 row of its dtype ran first in the same session.
@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from benchmarks.test_dinov3 import DTYPES as MODEL_DTYPES, dtype_id
 
 NUM_IMAGES = 64
 MAX_SIDE = 768
@@ -59,14 +61,7 @@ def image_dir(tmp_path_factory):
     return str(root)
 
 
-def _dtypes():
-    if torch.cuda.is_available():
-        return ["bfloat16"]
-    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return ["float32", "bfloat16"] if bf16 else ["float32"]
-
-
-DTYPES = _dtypes()
+DTYPES = [dtype_id(d) for d in MODEL_DTYPES]  # names, as `dinofast extract --dtype` takes them
 
 
 def per_image_transformers(model_dir, image_dir, out_dir, dtype="float32"):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import dinofast
-from benchmarks.test_dinov3 import DTYPE, DTYPES, MODELS, model_for
+from benchmarks.test_dinov3 import DTYPE, DTYPES, MODELS, dtype_id, model_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = ("transformers-per-image", "dinofast-patched-per-image", "vision-tower")
@@ -89,13 +89,13 @@ def build_case(variant, n=8, seed=0, dtype=DTYPE):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("variant", MODELS)
 def test_vision_tower(bench, benchmark, variant, dtype, impl):
     runs, images = build_case(variant, dtype=dtype)
     benchmark.extra_info["sizes"] = [tuple(t.shape[1:]) for t in images]
     try:
-        bench(runs[impl], f"vision tower 8 mixed images ViT-{variant} {str(dtype).removeprefix('torch.')} "
+        bench(runs[impl], f"vision tower 8 mixed images ViT-{variant} {dtype_id(dtype)} "
                           f"s={FACTOR} -> {LM_WIDTH}")
     finally:
         dinofast.unpatch_dinov3(model_for(variant, dtype))
@@ -126,7 +126,7 @@ def main(argv):
     threads = int(argv[2]) if len(argv) > 2 else torch.get_num_threads()
     dtype = getattr(torch, argv[3], None) if len(argv) > 3 else DTYPE
     if dtype not in DTYPES:
-        raise SystemExit(f"dtype: expected one of {[str(d).removeprefix('torch.') for d in DTYPES]}, got {argv[3]!r}")
+        raise SystemExit(f"dtype: expected one of {[dtype_id(d) for d in DTYPES]}, got {argv[3]!r}")
     torch.set_num_threads(threads)
     print(f"device {DEVICE.type}, dtype {dtype}, torch threads {torch.get_num_threads()}, rounds {rounds}, "
           f"load average {os.getloadavg()}", flush=True)

@@ -13,11 +13,15 @@ from dinofast import _backend, _checks
 from dinofast.ops import rope2d as rope2d_module
 
 
-def run_module(*args, timeout=300):
+def run_python(*args, timeout=300, check=False):
+    """`python ARGS` in a subprocess that imports dinofast from this checkout."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "dinofast", *args], capture_output=True, text=True, env=env,
-                          check=False,
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, check=check,
                           timeout=timeout)
+
+
+def run_module(*args, timeout=300):
+    return run_python("-m", "dinofast", *args, timeout=timeout)
 
 
 def test_help_lists_every_subcommand_with_a_summary(capsys):
@@ -156,9 +160,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_stops_glibc_returning_the_heap():
     def faults(mode):
-        r = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode], capture_output=True, text=True, check=True,
-                           timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
-        return int(r.stdout)
+        return int(run_python("-c", _HEAP_CHURN, mode, timeout=120, check=True).stdout)
 
     pages = 3 * (30 << 20) // 4096
     default, kept = faults("default"), faults("keep")
